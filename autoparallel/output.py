@@ -1,0 +1,87 @@
+"""Rank-zero output: print, progress bars and a one-time banner, shown once per job rather than per process.
+
+The library itself reports through ``logging.getLogger("autoparallel")`` (its modules log to
+children of it). No handler is attached: when the application has not configured logging, Python's
+last-resort handler prints warnings such as "bf16 asked for on a Tesla T4: using fp16" to stderr, and
+once the application configures logging its settings apply. A ``NullHandler`` would hide exactly the
+messages a zero-config user needs.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable
+from typing import Any
+
+from tqdm import tqdm
+
+from .runtime import Runtime, is_main_process
+from .runtime import runtime as current_runtime
+
+_banner_printed = False  # print_banner() prints once per process
+
+
+def print(*args: Any, **kwargs: Any) -> None:
+    """``print`` on the main process only; other ranks stay silent. Never patches ``builtins.print``."""
+    if is_main_process():
+        builtins.print(*args, **kwargs)
+
+
+def progress(iterable: Iterable[Any] | None = None, **tqdm_kwargs: Any) -> tqdm:
+    """A tqdm progress bar that shows on the main process only (``disable=True`` still disables it)."""
+    disable = bool(tqdm_kwargs.pop("disable", False)) or not is_main_process()
+    return tqdm(iterable, disable=disable, **tqdm_kwargs)
+
+
+def _environment(rt: Runtime) -> str:
+    if rt.mode == "cpu":
+        return "NO (CPU)"
+    if rt.mode == "single":
+        return "NO (single GPU)"
+    if rt.mode == "dp":
+        return "MULTI_GPU (DataParallel)"
+    on_gpu = rt.device.type == "cuda"
+    multi_node = rt.node_rank > 0 or (on_gpu and rt.world_size > max(rt.num_gpus, 1))
+    kind = "MULTI_NODE" if multi_node else "MULTI_GPU" if on_gpu else "MULTI_CPU"
+    return f"{kind} (DistributedDataParallel)"
+
+
+def _gpu_summary(names: tuple[str, ...], memory_gib: tuple[float, ...]) -> str:
+    """``Tesla T4 x2, 15.0 GiB``; different GPUs are listed one group after another, joined by ``+``."""
+    groups: list[list[Any]] = []
+    for name, memory in zip(names, memory_gib):
+        if groups and groups[-1][0] == name and groups[-1][1] == memory:
+            groups[-1][2] += 1
+        else:
+            groups.append([name, memory, 1])
+    return " + ".join(f"{name}{f' x{count}' if count > 1 else ''}, {memory:.1f} GiB" for name, memory, count in groups)
+
+
+def banner(runtime: Runtime | None = None) -> str:
+    """One line describing the runtime, in the words Accelerate users know.
+
+    Example: ``Distributed environment: MULTI_GPU (DataParallel) | Number of processes: 1 |
+    Number of GPUs: 2 | Tesla T4 x2, 15.0 GiB | mixed precision: fp16`` (one line).
+    """
+    rt = runtime if runtime is not None else current_runtime()
+    parts = [f"Distributed environment: {_environment(rt)}", f"Number of processes: {rt.num_processes}"]
+    if rt.is_distributed:
+        parts += [f"Process index: {rt.rank}", f"Local process index: {rt.local_rank}"]
+    parts.append(f"Number of GPUs: {rt.num_gpus}")
+    if rt.gpu_names:
+        parts.append(_gpu_summary(rt.gpu_names, rt.gpu_memory_gib))
+    if rt.is_distributed:
+        parts.append(f"Backend: {rt.backend}")
+    parts.append(f"mixed precision: {'no' if rt.precision == 'fp32' else rt.precision}")
+    return " | ".join(parts)
+
+
+def print_banner(runtime: Runtime | None = None) -> None:
+    """Print :func:`banner` once per process, on the main process only; later calls do nothing."""
+    global _banner_printed
+    if _banner_printed:
+        return
+    rt = runtime if runtime is not None else current_runtime()
+    _banner_printed = True
+    if rt.is_main:
+        builtins.print(banner(rt), flush=True)
