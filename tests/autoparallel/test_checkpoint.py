@@ -1,0 +1,577 @@
+"""save_checkpoint / load_checkpoint / CheckpointKeeper: format, layouts, errors, atomicity, security."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import multiprocessing
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from autoparallel.checkpoint import (
+    CheckpointKeeper,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UntrustedCheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from autoparallel.ddp import DistributedModel
+from autoparallel.ema import EMA
+from autoparallel.wrap import DataParallel as OurDataParallel
+from autoparallel.wrap import unwrap
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _assert_same(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def _clone(state: dict) -> dict:
+    return {key: value.clone() for key, value in state.items()}
+
+
+@pytest.fixture
+def process_group(tmp_path_factory):
+    """A one-process gloo group, so that DDP wrappers can be built inside the test process."""
+    store = tmp_path_factory.mktemp("store") / "file"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------- portability
+
+KINDS = ["plain", "dp", "ddp", "compiled", "ap_dp", "ap_ddp", "ema"]
+
+
+def _wrapped(kind: str, net: nn.Module) -> nn.Module:
+    if kind == "dp":
+        return nn.DataParallel(net)
+    if kind == "ddp":
+        return nn.parallel.DistributedDataParallel(net)
+    if kind == "compiled":
+        return torch.compile(net)  # built only, never run: compiling would take seconds
+    if kind == "ap_dp":
+        return OurDataParallel(net)
+    if kind == "ap_ddp":
+        return DistributedModel(net)
+    return net
+
+
+@pytest.mark.parametrize("target", KINDS)
+@pytest.mark.parametrize("source", KINDS)
+def test_portability_matrix(source, target, request, tmp_path):
+    if any(kind.endswith("ddp") for kind in (source, target)):
+        request.getfixturevalue("process_group")
+    net = _net(0)
+    wrapped = _wrapped("plain" if source == "ema" else source, net)
+    ema = EMA(wrapped, decay=0.5)
+    with torch.no_grad():
+        for step in range(3):
+            for param in net.parameters():
+                param.add_(0.25 * (step + 1))
+            net[1].running_mean.add_(1.0)
+            net[1].num_batches_tracked.add_(1)
+            ema.update()
+    # "ema" exports the EMA weights as the model, as the application does for its best model
+    saved = ema.module if source == "ema" else wrapped
+    expected_model = _clone(unwrap(saved).state_dict())
+    expected_ema = _clone(ema.module.state_dict())
+    path = save_checkpoint(tmp_path / "c.pt", model=saved, ema=ema, epoch=4)
+    assert not any(key.startswith(("module.", "_orig_mod.")) for key in torch.load(path)["model"])
+
+    fresh = _net(1)
+    if target == "ema":
+        target_ema = EMA(fresh, decay=0.5)
+        info = load_checkpoint(path, ema=target_ema)
+    else:
+        model = _wrapped(target, fresh)
+        target_ema = EMA(model, decay=0.5)
+        info = load_checkpoint(path, model=model, ema=target_ema)
+        _assert_same(fresh.state_dict(), expected_model)
+    _assert_same(target_ema.module.state_dict(), expected_ema)
+    assert target_ema.step == 3
+    assert info == {"epoch": 4, "step": None, "extra": {}, "format": "autoparallel"}
+
+
+# --------------------------------------------------------------------------------------- the format
+
+
+def test_format_is_plain_data_that_loads_with_weights_only(tmp_path):
+    net = _net(0)
+    ema = EMA(net)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    args = argparse.Namespace(lr=0.1, out=Path("/runs/a"), sizes=(1, 2))
+    path = save_checkpoint(tmp_path / "sub" / "c.pt", model=nn.DataParallel(net), ema=ema, optimizer=optimizer,
+                           scheduler=scheduler, scaler=scaler, epoch=3, step=30, args=args,
+                           best_iou=np.float64(0.75), curve=np.arange(3))
+    assert path == tmp_path / "sub" / "c.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert list(checkpoint) == ["format", "version", "torch_version", "model", "ema", "optimizer", "scheduler",
+                                "scaler", "epoch", "step", "rng", "extra"]
+    assert (checkpoint["format"], checkpoint["version"], checkpoint["epoch"], checkpoint["step"]) == (
+        "autoparallel", 1, 3, 30)
+    assert list(checkpoint["model"]) == list(net.state_dict())
+    assert checkpoint["ema"]["step"] == 0
+    assert list(checkpoint["ema"]["module"]) == list(net.state_dict())
+    assert checkpoint["scaler"]["scale"] == 8.0
+    assert checkpoint["scheduler"]["base_lrs"] == [0.1]
+    extra = checkpoint["extra"]
+    assert extra["args"] == {"lr": 0.1, "out": "/runs/a", "sizes": (1, 2)}
+    assert extra["best_iou"] == 0.75
+    assert type(extra["best_iou"]) is float
+    assert torch.equal(extra["curve"], torch.arange(3))
+    (rng,) = checkpoint["rng"]
+    assert set(rng) == {"python", "numpy", "torch", "cuda"}
+    assert rng["numpy"]["kind"] == "MT19937"
+    assert rng["numpy"]["keys"].shape == (624,)
+
+
+def test_save_refuses_extra_that_would_need_pickle(tmp_path):
+    with pytest.raises(TypeError, match=r"extra\['hook'\] of type function"):
+        save_checkpoint(tmp_path / "c.pt", model=_net(), hook=lambda: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_without_objects_returns_metadata(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", model=_net(), epoch=2, step=7, best_iou=0.5)
+    info = load_checkpoint(tmp_path / "c.pt")
+    assert info == {"epoch": 2, "step": 7, "extra": {"best_iou": 0.5}, "format": "autoparallel"}
+
+
+def test_restore_rng_replays_python_numpy_and_torch(tmp_path):
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "c.pt", model=_net())
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    load_checkpoint(tmp_path / "c.pt", restore_rng=True)
+    again = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert expected[:2] == again[:2]
+    assert torch.equal(expected[2], again[2])
+
+
+# ------------------------------------------------------------------------------------- other layouts
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_raw_state_dict_with_wrapper_prefixes_loads_into_plain_model(prefix, tmp_path):
+    source = _net(0)
+    torch.save({prefix + key: value for key, value in source.state_dict().items()}, tmp_path / "raw.pth")
+    target = _net(1)
+    info = load_checkpoint(tmp_path / "raw.pth", model=target)
+    _assert_same(target.state_dict(), source.state_dict())
+    assert info == {"epoch": None, "step": None, "extra": {}, "format": "raw"}
+
+
+class _WithBackbone(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.backbone = _net(seed)
+        self.head = nn.Linear(3, 1)
+
+
+def test_prefix_at_depth_loads(tmp_path):
+    source = _WithBackbone(0)
+    source.backbone = nn.DataParallel(source.backbone)  # keys "backbone.module.0.weight", ...
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "deep.pth")
+    target = torch.compile(_WithBackbone(1))
+    assert load_checkpoint(tmp_path / "deep.pth", model=target)["format"] == "state_dict"
+    _assert_same(unwrap(target).backbone.state_dict(), source.backbone.module.state_dict())
+    # and saving a model with a wrapped submodule writes clean keys
+    path = save_checkpoint(tmp_path / "c.pt", model=source)
+    assert "backbone.0.weight" in torch.load(path)["model"]
+
+
+class _RealModuleAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Linear(2, 2)
+        self.other = nn.Linear(2, 2)
+
+
+def test_a_submodule_really_named_module_still_loads(tmp_path):
+    torch.manual_seed(0)
+    source = _RealModuleAttribute()
+    torch.save(source.state_dict(), tmp_path / "raw.pt")
+    torch.manual_seed(1)
+    target = nn.DataParallel(_RealModuleAttribute())
+    load_checkpoint(tmp_path / "raw.pt", model=target)
+    _assert_same(target.module.state_dict(), source.state_dict())
+
+
+def test_upstream_camoxpert_checkpoint_loads_model_ema_and_metadata(tmp_path):
+    model, ema_source = _net(0), _net(2)
+    shadow = {f"module.{name}": p.detach().clone() for name, p in ema_source.named_parameters()}  # params only
+    args = {"backbone": "edgenext_base", "num_experts": 7, "lr": 0.00025}
+    torch.save({"epoch": 41, "model_state_dict": model.state_dict(), "ema_state_dict": shadow,
+                "best_iou": 0.7123, "args": args}, tmp_path / "best_model.pth")
+    target = nn.DataParallel(_net(1))
+    ema = EMA(target, decay=0.999)
+    info = load_checkpoint(tmp_path / "best_model.pth", model=target, ema=ema)
+    assert info == {"epoch": 41, "step": None, "extra": {"best_iou": 0.7123, "args": args}, "format": "upstream"}
+    _assert_same(target.module.state_dict(), model.state_dict())
+    for name, param in ema.module.named_parameters():
+        assert torch.equal(param, shadow[f"module.{name}"]), name
+    for name, buffer in ema.module.named_buffers():  # upstream kept no buffers: taken from the model
+        assert torch.equal(buffer, model.state_dict()[name]), name
+    assert ema.step == 31622  # unknown history: warm-up treated as finished, 1 - (1 + t)^-2/3 >= 0.999
+    assert ema.current_decay() == 0.999
+
+
+def test_timm_checkpoint_with_namespace_needs_trust(tmp_path):
+    model, ema_model = _net(0), _net(2)
+    torch.save({"epoch": 9, "arch": "mlp", "state_dict": model.state_dict(), "state_dict_ema": ema_model.state_dict(),
+                "args": argparse.Namespace(lr=0.1), "version": 2}, tmp_path / "timm.pth.tar")
+    with pytest.raises(UntrustedCheckpointError) as refused:
+        load_checkpoint(tmp_path / "timm.pth.tar", model=_net(1))
+    assert str(tmp_path / "timm.pth.tar") in str(refused.value)
+    assert "argparse.Namespace" in str(refused.value)
+    target, ema = _net(1), EMA(_net(1))
+    info = load_checkpoint(tmp_path / "timm.pth.tar", model=target, ema=ema, trusted=True)
+    _assert_same(target.state_dict(), model.state_dict())
+    _assert_same(ema.module.state_dict(), ema_model.state_dict())
+    assert info["format"] == "state_dict"
+    assert info["epoch"] == 9
+    assert info["extra"] == {"arch": "mlp", "args": argparse.Namespace(lr=0.1), "version": 2}
+
+
+def test_torchvision_reference_checkpoint_restores_optimizer(tmp_path):
+    model = _net(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1}, tmp_path / "tv.pth")
+    target = _net(1)
+    target_optimizer = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    assert load_checkpoint(tmp_path / "tv.pth", model=target, optimizer=target_optimizer)["format"] == "model"
+    assert target_optimizer.param_groups[0]["lr"] == 0.5
+    first = next(iter(target_optimizer.state.values()))["momentum_buffer"]
+    assert torch.equal(first, next(iter(optimizer.state.values()))["momentum_buffer"])
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_file_names_it_and_lists_what_is_there(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError) as missing:
+        load_checkpoint(tmp_path / "best.pt")
+    assert isinstance(missing.value, CheckpointNotFoundError)
+    assert str(missing.value) == (f"checkpoint {tmp_path / 'best.pt'} does not exist; "
+                                  f"checkpoint files in {tmp_path}: last.pt")
+
+
+def test_folder_instead_of_file(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match=f"checkpoint {tmp_path} is a folder"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_file_gets_its_own_error(damage, tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", model=_net())
+    data = {"truncated": path.read_bytes()[: path.stat().st_size // 2], "garbage": b"not a checkpoint at all",
+            "empty": b""}[damage]
+    path.write_bytes(data)
+    model = _net(1)
+    before = _clone(model.state_dict())
+    with pytest.raises(CorruptCheckpointError, match=f"checkpoint {path} "):
+        load_checkpoint(path, model=model)
+    _assert_same(model.state_dict(), before)
+
+
+def test_architecture_mismatch_lists_keys_and_loads_nothing(tmp_path):
+    torch.manual_seed(0)
+    saved = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 7))
+    path = save_checkpoint(tmp_path / "best.pt", model=saved)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 5), nn.Linear(5, 2))
+    before = _clone(model.state_dict())
+    with pytest.raises(CheckpointMismatchError) as mismatch:
+        load_checkpoint(path, model=model)
+    assert str(mismatch.value).startswith(
+        f"checkpoint {path} does not match the model: 2 missing keys (2.weight, 2.bias), "
+        "2 with another shape (1.weight: checkpoint [7, 8] vs model [5, 8], 1.bias: checkpoint [7] vs model [5])")
+    _assert_same(model.state_dict(), before)
+
+
+def test_mismatch_lists_a_few_names_and_a_count(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", model=nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)]))
+    with pytest.raises(CheckpointMismatchError, match=r"8 unexpected \(0\.weight, 0\.bias, 1\.weight, and 5 more\)"):
+        load_checkpoint(path, model=nn.Identity())
+
+
+def test_strict_false_loads_what_matches_and_logs_the_rest(tmp_path, caplog):
+    torch.manual_seed(0)
+    saved = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 7))
+    path = save_checkpoint(tmp_path / "c.pt", model=saved)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 5))
+    kept = _clone(model[1].state_dict())
+    with caplog.at_level(logging.WARNING, logger="autoparallel"):
+        load_checkpoint(path, model=model, strict=False)
+    _assert_same(model[0].state_dict(), saved[0].state_dict())
+    _assert_same(model[1].state_dict(), kept)
+    assert "loading 2 matching tensors; skipped 2 with another shape (1.weight" in caplog.text
+
+
+def test_ema_mismatch_leaves_the_model_untouched(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", model=_net(0), ema=EMA(_net(0)))
+    model = _net(1)
+    before = _clone(model.state_dict())
+    with pytest.raises(CheckpointMismatchError, match=f"checkpoint {path} does not match the EMA"):
+        load_checkpoint(path, model=model, ema=EMA(nn.Linear(6, 3)))
+    _assert_same(model.state_dict(), before)
+
+
+def test_optimizer_mismatch_leaves_the_model_untouched(tmp_path):
+    saved = _net(0)
+    path = save_checkpoint(tmp_path / "c.pt", model=saved, optimizer=torch.optim.AdamW(saved.parameters()))
+    model = _net(1)
+    before = _clone(model.state_dict())
+    optimizer = torch.optim.AdamW(list(model.parameters())[:2])  # a frozen-backbone optimizer
+    with pytest.raises(CheckpointMismatchError, match=f"checkpoint {path}: optimizer group 0 has 6 parameters in "
+                                                      "the checkpoint, 2 in the optimizer"):
+        load_checkpoint(path, model=model, optimizer=optimizer)
+    _assert_same(model.state_dict(), before)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    torch.save({"format": "autoparallel", "version": 2, "model": {}}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointMismatchError, match=f"checkpoint {tmp_path / 'new.pt'} has format version 2"):
+        load_checkpoint(tmp_path / "new.pt")
+
+
+def test_unrecognised_content(tmp_path):
+    torch.save({"weights": [1, 2]}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointMismatchError, match="holds no model weights I recognise; its top-level keys are "
+                                                      "weights"):
+        load_checkpoint(tmp_path / "odd.pt", model=_net())
+
+
+# ------------------------------------------------------------------------------------------ security
+
+
+class _CreatesFile:
+    """Unpickling this object opens (creates) a file: what a malicious checkpoint could do."""
+
+    def __init__(self, target: Path, via_shell: bool) -> None:
+        self.target, self.via_shell = target, via_shell
+
+    def __reduce__(self):
+        if self.via_shell:
+            return (os.system, (f"touch {self.target}",))
+        return (open, (str(self.target), "w"))
+
+
+@pytest.mark.parametrize("via_shell", [False, True])
+def test_checkpoint_that_runs_code_is_refused_and_runs_nothing(via_shell, tmp_path):
+    victim = tmp_path / "pwned"
+    torch.save({"model_state_dict": _net().state_dict(), "payload": _CreatesFile(victim, via_shell)},
+               tmp_path / "evil.pth")
+    model = _net(1)
+    before = _clone(model.state_dict())
+    with pytest.raises(UntrustedCheckpointError) as refused:
+        load_checkpoint(tmp_path / "evil.pth", model=model)
+    message = str(refused.value)
+    assert f"checkpoint {tmp_path / 'evil.pth'} needs pickled Python objects" in message
+    assert ("posix.system" if via_shell else "io.open") in message
+    assert "arbitrary code" in message
+    assert "trusted=True" in message
+    assert not victim.exists()
+    _assert_same(model.state_dict(), before)
+
+
+def test_trusted_legacy_pickle_loads(tmp_path):
+    model = _net(0)
+    torch.save({"epoch": 3, "model_state_dict": model.state_dict(), "ema_state_dict": None, "best_iou": 0.5,
+                "args": argparse.Namespace(backbone="edgenext_base")}, tmp_path / "legacy.pth")
+    target = _net(1)
+    info = load_checkpoint(tmp_path / "legacy.pth", model=target, trusted=True)
+    _assert_same(target.state_dict(), model.state_dict())
+    assert info["extra"] == {"best_iou": 0.5, "args": argparse.Namespace(backbone="edgenext_base")}
+
+
+# -------------------------------------------------------------------------------- keeper, atomicity
+
+
+def test_keeper_keeps_last_best_and_the_last_epochs(tmp_path):
+    keeper = CheckpointKeeper(tmp_path / "run", keep_last=2)
+    assert keeper.last is None
+    assert keeper.best is None
+    model = _net()
+    for epoch, is_best in enumerate([True, False, True, False]):
+        assert keeper.save(model=model, epoch=epoch, is_best=is_best, best_iou=0.1 * epoch) == tmp_path / "run/last.pt"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "epoch_0002.pt", "epoch_0003.pt",
+                                                                    "last.pt"]
+    assert load_checkpoint(keeper.last)["epoch"] == 3
+    assert load_checkpoint(keeper.best)["epoch"] == 2
+    assert load_checkpoint(keeper.epoch_files()[0])["epoch"] == 2
+    with pytest.raises(ValueError, match="pass epoch="):
+        keeper.save(model=model)
+
+
+def test_save_removes_temporaries_left_by_a_killed_save(tmp_path):
+    stale = tmp_path / ".c.pt.123-deadbeef.tmp"
+    stale.write_bytes(b"partial")
+    save_checkpoint(tmp_path / "c.pt", model=_net())
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def _save_forever(path: Path, first_version: int) -> None:
+    torch.set_num_threads(1)
+    model = nn.Linear(700, 700)  # about 2 MB
+    version = first_version
+    while True:
+        with torch.no_grad():
+            model.weight.fill_(version)
+            model.bias.fill_(version)
+        save_checkpoint(path, model=model, step=version)
+        version += 1
+
+
+def test_sigkill_during_save_always_leaves_a_complete_checkpoint(tmp_path):
+    path = tmp_path / "c.pt"
+    model = nn.Linear(700, 700)
+    with torch.no_grad():
+        model.weight.fill_(0)
+        model.bias.fill_(0)
+    save_checkpoint(path, model=model, step=0)
+    context = multiprocessing.get_context("fork")  # starts at once: the child inherits the imported torch
+    delays = random.Random(3).sample(range(20, 300, 7), 10)
+    version, interrupted_writes = 0, 0
+    for delay_ms in delays:
+        child = context.Process(target=_save_forever, args=(path, version + 1), daemon=True)
+        child.start()
+        time.sleep(delay_ms / 1000)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert child.exitcode == -signal.SIGKILL
+        interrupted_writes += any(tmp_path.glob(".c.pt.*.tmp"))  # killed in the middle of writing
+        loaded = nn.Linear(700, 700)
+        info = load_checkpoint(path, model=loaded)
+        assert info["step"] >= version
+        version = info["step"]
+        assert bool((loaded.weight == version).all())
+        assert bool((loaded.bias == version).all())
+    assert version > 0  # the children did overwrite the file
+    assert interrupted_writes > 0  # and some kills did land inside a save
+
+
+# ------------------------------------------------------------------------------------- exact resume
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _training_objects(seed: int, steps_total: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+    ema = EMA(model, decay=0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    warmup = 4
+
+    def warmup_cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps_total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=4)
+    return model, ema, optimizer, scheduler, scaler
+
+
+def _train_epochs(objects, dataset, epochs) -> None:
+    model, ema, optimizer, scheduler, scaler = objects
+    model.train()
+    for epoch in epochs:
+        # a resumable loader re-seeds its shuffling generator from the epoch (as autoparallel.loader does)
+        order = torch.Generator().manual_seed(1000 + epoch)
+        for x, y in DataLoader(dataset, batch_size=8, shuffle=True, generator=order):
+            jitter = 0.01 * random.random() + 0.01 * float(np.random.rand())  # python and numpy RNG matter too
+            loss = F.mse_loss(model(x + jitter), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            ema.update()
+
+
+@pytest.mark.parametrize("restore_rng", [True, False])
+def test_resume_is_exact(restore_rng, tmp_path):
+    data = torch.Generator().manual_seed(7)
+    dataset = TensorDataset(torch.randn(48, 6, generator=data), torch.randn(48, 2, generator=data))
+    epochs, stop = 4, 2
+    total_steps = epochs * len(dataset) // 8
+
+    _seed_everything(0)
+    straight = _training_objects(0, total_steps)
+    _train_epochs(straight, dataset, range(epochs))
+
+    _seed_everything(0)
+    first = _training_objects(0, total_steps)
+    _train_epochs(first, dataset, range(stop))
+    model, ema, optimizer, scheduler, scaler = first
+    save_checkpoint(tmp_path / "last.pt", model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, epoch=stop - 1, step=stop * len(dataset) // 8)
+    del first, model, ema, optimizer, scheduler, scaler
+
+    _seed_everything(123)  # a new process: other seeds, other initial weights
+    resumed = _training_objects(5, total_steps)
+    model, ema, optimizer, scheduler, scaler = resumed
+    info = load_checkpoint(tmp_path / "last.pt", model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                           scaler=scaler, restore_rng=restore_rng)
+    assert (info["epoch"], info["step"]) == (stop - 1, 12)
+    _train_epochs(resumed, dataset, range(info["epoch"] + 1, epochs))
+
+    same = [torch.equal(a, b) for a, b in zip(straight[0].state_dict().values(), model.state_dict().values())]
+    if not restore_rng:  # dropout and jitter differ: the comparison below can fail
+        assert not all(same)
+        return
+    assert all(same)
+    _assert_same(ema.module.state_dict(), straight[1].module.state_dict())
+    assert ema.step == straight[1].step == 24
+    for mine, theirs in zip(optimizer.state.values(), straight[2].state.values()):
+        assert all(torch.equal(mine[name], theirs[name]) for name in ("step", "exp_avg", "exp_avg_sq"))
+    assert scheduler.state_dict() == straight[3].state_dict()
+    assert scaler.state_dict() == straight[4].state_dict()
+    assert scaler.get_scale() > 2.0**10
+
+
+def test_ema_weights_load_into_a_plain_module(tmp_path):
+    source = _net(0)
+    ema = EMA(source, decay=0.5)
+    with torch.no_grad():
+        source[0].weight.add_(1.0)
+    ema.update()
+    path = save_checkpoint(tmp_path / "c.pt", model=source, ema=ema)
+    evaluation_copy = nn.DataParallel(_net(1))  # e.g. another library's EMA module
+    load_checkpoint(path, ema=evaluation_copy)
+    _assert_same(evaluation_copy.module.state_dict(), ema.module.state_dict())
