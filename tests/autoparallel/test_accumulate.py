@@ -1,0 +1,152 @@
+"""GradientAccumulator, effective_batch_size and scale_lr, in one process on the CPU."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autoparallel.accumulate import GradientAccumulator, effective_batch_size, scale_lr
+from autoparallel.ddp import DistributedModel
+
+
+def linear_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(3, 1)
+
+
+def batch(count: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(count, 3, generator=generator), torch.randn(count, 1, generator=generator)
+
+
+def test_four_micro_batches_equal_one_batch_of_four_times_the_size() -> None:
+    inputs, targets = batch(8)
+    reference = linear_model()
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    nn.functional.mse_loss(reference(inputs), targets).backward()
+    reference_optimizer.step()
+
+    model = linear_model()
+    accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=4)
+    stepped = []
+    for micro_inputs, micro_targets in zip(inputs.split(2), targets.split(2)):
+        with accumulator.micro_step():
+            accumulator.backward(nn.functional.mse_loss(model(micro_inputs), micro_targets))
+        stepped.append(accumulator.step())
+
+    assert stepped == [False, False, False, True]
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+        assert ours.grad is None  # zero_grad(set_to_none=True) after the step
+
+
+def test_window_runs_on_across_epochs() -> None:
+    model = linear_model()
+    accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=3)
+    inputs, targets = batch(2)
+    pattern = []
+    for _ in range(8):  # two "epochs" of 4 micro-steps
+        with accumulator.micro_step():
+            accumulator.backward(nn.functional.mse_loss(model(inputs), targets))
+        pattern.append(accumulator.step())
+    assert pattern == [False, False, True, False, False, True, False, False]
+
+
+def test_clipping_after_unscaling_reports_the_true_norm() -> None:
+    model = linear_model()
+    unscaled = copy.deepcopy(model)
+    inputs, targets = batch(8)
+    nn.functional.mse_loss(unscaled(inputs), targets).backward()
+    true_norm = torch.cat([p.grad.reshape(-1) for p in unscaled.parameters()]).norm()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=1.0), scaler=scaler,
+                                      max_grad_norm=0.1)
+    with accumulator.micro_step():
+        accumulator.backward(nn.functional.mse_loss(model(inputs), targets))
+    accumulator.step()
+
+    torch.testing.assert_close(accumulator.last_grad_norm, true_norm)  # not 1024 times larger
+    update = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, model.parameters())])
+    torch.testing.assert_close(update.norm(), torch.tensor(0.1), rtol=1e-4, atol=0)
+    assert accumulator.last_step_skipped is False
+
+
+def test_fp16_overflow_skips_the_step_instead_of_raising() -> None:
+    model = linear_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=1.0), scaler=scaler,
+                                      max_grad_norm=1.0)
+    inputs, _ = batch(2)
+    with accumulator.micro_step():
+        accumulator.backward(model(inputs).sum() * float("inf"))
+
+    assert accumulator.step() is True
+    assert accumulator.last_step_skipped is True
+    assert not torch.isfinite(accumulator.last_grad_norm)
+    assert scaler.get_scale() == 512.0  # backed off
+    for ours, original in zip(model.parameters(), before):
+        assert torch.equal(ours, original)
+
+
+def test_non_finite_gradients_without_a_scaler_skip_the_step_when_clipping() -> None:
+    model = linear_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=1.0)
+    inputs, _ = batch(2)
+    with accumulator.micro_step():
+        accumulator.backward(model(inputs).sum() * float("nan"))
+
+    assert accumulator.step() is True
+    assert accumulator.last_step_skipped is True
+    for ours, original in zip(model.parameters(), before):
+        assert torch.equal(ours, original)
+
+
+@pytest.fixture
+def single_process_group():
+    """A 1-process gloo group, enough to build DDP in this process."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_only_the_last_micro_step_of_a_window_all_reduces() -> None:
+    model = DistributedModel(linear_model())
+    backward_passes_reduced = []
+
+    def count_all_reduce(state, bucket):
+        backward_passes_reduced.append(state["micro_step"])
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    state = {"micro_step": -1}
+    model._ddp.register_comm_hook(state, count_all_reduce)
+    accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=3)
+    inputs, targets = batch(2)
+    for micro_step in range(6):
+        state["micro_step"] = micro_step
+        with accumulator.micro_step():
+            accumulator.backward(nn.functional.mse_loss(model(inputs), targets))
+        accumulator.step()
+
+    assert backward_passes_reduced == [2, 5]  # one bucket, reduced once per optimizer step
+
+
+def test_effective_batch_size_and_linear_lr_scaling() -> None:
+    assert effective_batch_size(8, 4) == 32
+    assert scale_lr(1.25e-6, global_batch=8, base_batch=4) == 2.5e-6  # seed 003's example
+    assert scale_lr(0.1, global_batch=32, base_batch=32) == 0.1
+    with pytest.raises(ValueError, match="positive int accumulation_steps, got 0"):
+        effective_batch_size(8, 0)
+    with pytest.raises(ValueError, match="accumulation_steps must be a positive int, got 0"):
+        GradientAccumulator(linear_model(), torch.optim.SGD(linear_model().parameters(), lr=0.1), accumulation_steps=0)

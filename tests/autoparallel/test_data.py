@@ -1,0 +1,152 @@
+"""autoparallel.loader: the global batch in every mode, epoch re-seeding, exact evaluation shards.
+
+DDP ranks are simulated with hand-built Runtime values (the samplers take rank and world size
+explicitly), so these tests need no process group.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+from autoparallel.data import EvalSampler, default_num_workers, loader
+from autoparallel.runtime import Runtime
+
+CPU = Runtime(mode="cpu", device=torch.device("cpu"), device_ids=())
+
+
+def ddp(rank: int, world_size: int) -> Runtime:
+    return Runtime(mode="ddp", device=torch.device("cpu"), device_ids=(), rank=rank, world_size=world_size,
+                   backend="gloo")
+
+
+def numbers(count: int) -> TensorDataset:
+    return TensorDataset(torch.arange(count))
+
+
+def epoch_batches(data) -> list[list[int]]:
+    return [batch.tolist() for (batch,) in data]
+
+
+def test_batch_size_is_global_and_split_over_ddp_ranks() -> None:
+    single = loader(numbers(40), 8, num_workers=0, runtime=CPU)
+    dataparallel = loader(numbers(40), 8, num_workers=0, runtime=Runtime(
+        mode="dp", device=torch.device("cuda", 0), device_ids=(0, 1)))
+    rank1 = loader(numbers(40), 8, num_workers=0, runtime=ddp(1, 4))
+
+    assert (single.batch_size, single.global_batch_size, len(single)) == (8, 8, 5)
+    assert (dataparallel.batch_size, dataparallel.global_batch_size, len(dataparallel)) == (8, 8, 5)
+    assert (rank1.batch_size, rank1.global_batch_size, len(rank1)) == (2, 8, 5)
+
+
+def test_batch_that_does_not_divide_names_the_nearest_valid_sizes() -> None:
+    with pytest.raises(ValueError, match="batch_size=10") as error:
+        loader(numbers(40), 10, runtime=ddp(0, 4))
+    assert str(error.value) == (
+        "batch_size=10 is the global batch of one micro-step and must divide by the number of DDP processes, "
+        "world_size=4: use batch_size=8 (2 per process) or batch_size=12 (3 per process)")
+    with pytest.raises(ValueError, match=r"use batch_size=4 \(1 per process\)$"):
+        loader(numbers(40), 3, runtime=ddp(0, 4))
+
+
+def test_ddp_ranks_together_load_exactly_the_single_process_batches() -> None:
+    single = epoch_batches(loader(numbers(37), 8, seed=5, num_workers=0, runtime=CPU))
+    for world_size in (2, 4):
+        ranks = [epoch_batches(loader(numbers(37), 8, seed=5, num_workers=0, runtime=ddp(rank, world_size)))
+                 for rank in range(world_size)]
+        merged = [sorted(sum(parts, [])) for parts in zip(*ranks)]
+        assert merged == [sorted(batch) for batch in single]
+    assert len(single) == 4  # 37 // 8, drop_last
+
+
+def test_each_iteration_is_a_new_epoch_and_set_epoch_replays_one() -> None:
+    data = loader(numbers(16), 4, seed=7, num_workers=0, runtime=CPU)
+    epoch0, epoch1, epoch2 = (sum(epoch_batches(data), []) for _ in range(3))
+    expected = [torch.randperm(16, generator=torch.Generator().manual_seed(7 + epoch)).tolist() for epoch in range(3)]
+
+    assert [epoch0, epoch1, epoch2] == expected  # seed + epoch, as DistributedSampler orders it
+    assert epoch0 != epoch1 != epoch2
+    assert data.epoch == 2
+    resumed = loader(numbers(16), 4, seed=7, num_workers=0, runtime=CPU)
+    resumed.set_epoch(1)
+    assert sum(epoch_batches(resumed), []) == epoch1
+    assert sum(epoch_batches(resumed), []) == epoch2
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("size", [0, 1, 3, 7, 10])
+def test_evaluation_shards_cover_every_index_once_in_order(world_size: int, size: int) -> None:
+    shards = [list(EvalSampler(range(size), num_replicas=world_size, rank=rank)) for rank in range(world_size)]
+
+    assert sum(shards, []) == list(range(size))  # contiguous, in rank order, no padding
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_evaluation_loader_splits_seven_samples_over_two_ranks() -> None:
+    per_rank = [epoch_batches(loader(numbers(7), 2, train=False, num_workers=0, runtime=ddp(rank, 2)))
+                for rank in range(2)]
+
+    assert per_rank == [[[0], [1], [2], [3]], [[4], [5], [6]]]
+
+
+def test_evaluation_refuses_to_drop_samples_and_training_needs_one_batch() -> None:
+    with pytest.raises(ValueError, match="would skip the last samples"):
+        loader(numbers(7), 2, train=False, drop_last=True, runtime=CPU)
+    with pytest.raises(ValueError, match="has 5 samples, fewer than one global batch"):
+        loader(numbers(5), 8, runtime=CPU)
+    with pytest.raises(ValueError, match=r"EvalSampler needs 0 <= rank < num_replicas, got rank=2"):
+        EvalSampler(range(4), num_replicas=2, rank=2)
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter(range(3))
+
+
+def test_iterable_datasets_are_refused_with_the_alternative() -> None:
+    with pytest.raises(TypeError, match="build a torch.utils.data.DataLoader for it directly"):
+        loader(Stream(), 2, runtime=CPU)
+
+
+class RandomDraws(Dataset):
+    """Returns a fresh random number per item: shows the worker's seed."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(())
+
+
+def test_worker_random_streams_depend_on_seed_epoch_and_rank_only() -> None:
+    def draws(runtime: Runtime, epoch: int, seed: int = 0) -> list[float]:
+        data = loader(RandomDraws(), 2 * runtime.world_size, seed=seed, num_workers=1, persistent_workers=False,
+                      runtime=runtime)
+        data.set_epoch(epoch)
+        return torch.cat(list(data)).tolist()
+
+    first = draws(CPU, epoch=3)
+    assert draws(CPU, epoch=3) == first  # reproducible, e.g. after a resume at epoch 3
+    assert draws(CPU, epoch=4) != first
+    assert draws(CPU, epoch=3, seed=1) != first
+    assert draws(ddp(0, 2), epoch=3) != draws(ddp(1, 2), epoch=3)  # ranks augment differently
+
+
+def test_default_workers_share_the_cpus_between_local_processes(monkeypatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_num_workers(1) == 8  # capped
+    assert default_num_workers(2) == 7  # 8 CPUs each, one left for the training process
+    assert default_num_workers(16) == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_num_workers(1) == 1
+
+
+def test_defaults_follow_the_device() -> None:
+    on_cpu = loader(numbers(8), 2, runtime=CPU, num_workers=0)
+    on_gpu = loader(numbers(8), 2, runtime=Runtime(mode="single", device=torch.device("cuda", 0), device_ids=(0,)),
+                    num_workers=2)
+
+    assert (on_cpu.pin_memory, on_cpu.persistent_workers, on_cpu.drop_last) == (False, False, True)
+    assert (on_gpu.pin_memory, on_gpu.persistent_workers) == (True, True)
+    evaluation = loader(numbers(8), 2, train=False, runtime=CPU, num_workers=0)
+    assert evaluation.drop_last is False
