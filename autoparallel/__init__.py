@@ -21,10 +21,10 @@ from .checkpoint import (
 from .data import loader
 from .distributed import all_gather, all_reduce, barrier, broadcast_object
 from .ema import EMA
-from .launch import launch
+from .launch import launch, requested_processes
 from .output import banner, print, print_banner, progress
 from .precision import autocast, grad_scaler
-from .runtime import Runtime, is_main_process, runtime
+from .runtime import Hardware, Runtime, detect_runtime, is_main_process, probe_hardware, runtime
 from .wrap import unwrap, wrap
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "GradientAccumulator",
+    "Hardware",
     "Runtime",
     "UntrustedCheckpointError",
     "all_gather",
@@ -45,6 +46,7 @@ __all__ = [
     "banner",
     "barrier",
     "broadcast_object",
+    "detect_runtime",
     "effective_batch_size",
     "grad_scaler",
     "is_main_process",
@@ -53,7 +55,9 @@ __all__ = [
     "loader",
     "print",
     "print_banner",
+    "probe_hardware",
     "progress",
+    "requested_processes",
     "runtime",
     "save_checkpoint",
     "scale_lr",

@@ -7,8 +7,10 @@
   partly frozen backbone): DDP is built with ``find_unused_parameters=True``. Routing is data
   dependent, so no static choice is right for every step (``static_graph`` assumes the same graph
   every iteration and ``find_unused_parameters=False`` fails at the next step as soon as one expert
-  sat idle). The flag costs one traversal of the autograd graph per step, measured in the report of
-  issue 4 as a small fraction of a step.
+  sat idle). The flag costs one traversal of the autograd graph per step: measured on the CPU at
+  about 1 to 2.5 microseconds per autograd node (+4 to +9 % on toy MLPs whose layers take
+  microseconds), which disappears next to a convolutional network's step on a GPU. DDP prints a
+  one-time warning about the flag when a step happens to use every parameter; it is expected.
 * **Progressive unfreezing**: DDP registers only the parameters that require grad when it is
   built. Each training forward compares the ``requires_grad`` flags with those DDP was built with
   (one Python loop over the parameter list) and rebuilds DDP when they changed. Rebuilding is a

@@ -1,0 +1,146 @@
+"""DDP promises, for real: 2 processes on the CPU (gloo) started by torchrun.
+
+The multi-process tests run one worker script from this folder under
+``python -m torch.distributed.run --standalone --nproc_per_node=2`` and check the JSON line that rank 0
+prints; the workers use the library exactly as a training script would. The first tests check the
+wrapper's behaviour as a module in this process, with a 1-process gloo group.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import autoparallel as ap
+from autoparallel.ddp import DistributedModel, wrap_ddp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ddp_jobs import torchrun_result  # noqa: E402
+
+CPU_DDP = ap.Runtime(mode="ddp", device=torch.device("cpu"), device_ids=(), backend="gloo")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(3, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 1)
+        self.stage = 1
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.backbone(inputs)))
+
+
+@pytest.fixture
+def single_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_wrapper_behaves_like_the_model() -> None:
+    plain = Net()
+    model = wrap_ddp(plain, CPU_DDP)
+
+    assert isinstance(model, DistributedModel)
+    assert model.module is plain
+    assert ap.unwrap(model) is plain
+    assert wrap_ddp(model, CPU_DDP) is model
+    assert list(model.state_dict()) == list(plain.state_dict())  # no "module." prefix
+    assert [name for name, _ in model.named_parameters()] == [name for name, _ in plain.named_parameters()]
+    assert model.backbone is plain.backbone
+    model.stage = 2
+    assert plain.stage == 2
+    model.load_state_dict(Net().state_dict())
+    assert model(torch.randn(2, 3)).shape == (2, 1)
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_wrapper_follows_requires_grad_changes_from_fully_frozen_to_trainable() -> None:
+    plain = Net().requires_grad_(False)
+    model = wrap_ddp(plain, CPU_DDP)  # DDP refuses a module with nothing to train; the wrapper waits
+    assert model(torch.randn(2, 3)).requires_grad is False
+
+    model.head.requires_grad_(True)
+    model(torch.randn(2, 3)).sum().backward()
+    assert plain.head.weight.grad is not None
+    assert plain.backbone.weight.grad is None
+    model.backbone.requires_grad_(True)
+    model(torch.randn(2, 3)).sum().backward()  # DDP rebuilt with the backbone registered
+    assert plain.backbone.weight.grad is not None
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_sync_bn_on_the_cpu_keeps_batchnorm_with_a_warning(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="autoparallel.ddp"):
+        model = wrap_ddp(Net(), CPU_DDP, sync_bn=True)
+    assert type(model.norm) is nn.BatchNorm1d
+    assert "sync_bn=True ignored on cpu" in caplog.text
+
+
+def test_collectives_are_identities_outside_ddp() -> None:
+    values = torch.tensor([1.0, 2.0])
+    assert ap.all_gather(values) is values
+    assert ap.all_reduce(values, op="mean") is values
+    assert ap.broadcast_object({"run": 1}) == {"run": 1}
+    ap.barrier()
+    with pytest.raises(ValueError, match=r"all_reduce\(op='avg'\) is not supported: use one of sum, mean, max, min"):
+        ap.all_reduce(values, op="avg")
+
+
+def test_wrap_ddp_refuses_wrapped_models_and_a_missing_process_group() -> None:
+    with pytest.raises(TypeError, match=r"already wrapped in DataParallel: pass the plain model"):
+        wrap_ddp(nn.DataParallel(Net()), CPU_DDP)
+    with pytest.raises(RuntimeError, match=r"needs an initialised process group: call autoparallel.runtime\(\)"):
+        wrap_ddp(Net(), CPU_DDP)
+
+
+@pytest.mark.distributed
+def test_ddp_matches_single_process_with_accumulation() -> None:
+    result = torchrun_result("_ddp_equivalence.py")
+
+    assert (result["mode"], result["world_size"], result["wrapper"]) == ("ddp", 2, "DistributedModel")
+    # global batch 8 = 4 per process; 53 samples -> 6 batches per epoch in both modes
+    assert (result["per_process_batch"], result["batches_per_epoch"]) == (4, 6)
+    assert result["max_change_from_init"] > 1e-2  # it trained
+    assert result["max_difference_to_single_process"] < 1e-6
+    first, second = result["param_checksums_per_rank"]
+    assert first == second
+    # micro-step 0 ran under no_sync (local gradients differ), micro-step 1 all-reduced them
+    micro0, micro1 = result["grad_checksums_micro0"], result["grad_checksums_micro1"]
+    assert micro0[0] != micro0[1]
+    assert micro1[0] == micro1[1]
+
+
+@pytest.mark.distributed
+def test_distributed_evaluation_counts_every_sample_once() -> None:
+    result = torchrun_result("_ddp_eval.py")
+
+    assert result["per_rank_batches"] == [4, 3]  # 7 samples, 1 per rank per batch: uneven, no padding
+    assert result["gathered_indices"] == [0, 1, 2, 3, 4, 5, 6]
+    assert result["count"] == 7
+    assert result["max_difference_to_single_process"] < 1e-6
+    assert result["squared_sum_difference"] < 1e-6
+    first, second = result["reference_checksums_per_rank"]
+    assert first == second  # model.eval() gave both ranks rank 0's BatchNorm statistics
+    assert result["ranks_refusing_mismatched_gather"] == 2
+    assert result["broadcast_run_names"] == [True, True]
+
+
+@pytest.mark.distributed
+def test_topk_moe_with_frozen_backbone_and_unfreezing() -> None:
+    result = torchrun_result("_ddp_moe_unfreeze.py")
+
+    assert all(count > 0 for count in result["micro_steps_with_an_idle_expert"])  # unused parameters happened
+    assert result["backbone_moved_while_frozen"] is False
+    assert result["backbone_change_after_unfreeze"] > 1e-3
+    assert result["rank_parameter_difference"] == 0.0  # the unfrozen backbone is synchronised too
