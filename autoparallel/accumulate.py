@@ -84,9 +84,19 @@ class GradientAccumulator:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None
-        self.last_step_skipped = False
+        self._skipped = False
+        self._scale_before: float | None = None  # with a scaler, skipping is read lazily (no sync per step)
         self._micro_steps = 0  # micro-steps done in the current window
         self._ddp = _find_ddp(model)
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the latest boundary left the parameters unchanged because a gradient was inf/NaN."""
+        if self._scale_before is not None and self.scaler is not None:
+            # GradScaler.update() lowers the scale exactly when the step was skipped; reading it here
+            # rather than in step() keeps the host from waiting for the optimizer kernels every step.
+            return self.scaler.get_scale() < self._scale_before
+        return self._skipped
 
     @property
     def sync_gradients(self) -> bool:
@@ -128,17 +138,18 @@ class GradientAccumulator:
         self.last_grad_norm = None
         if self.max_grad_norm is not None:
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self._parameters(), self.max_grad_norm)
+        self._scale_before = None
         if self.scaler is not None:
-            scale_before = self.scaler.get_scale()
+            # scaler.step() syncs on its found-inf check anyway, so reading the scale here costs nothing.
+            self._scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skips the update when unscale_ found inf/NaN
             self.scaler.update()
-            self.last_step_skipped = self.scaler.get_scale() < scale_before
         elif self.last_grad_norm is not None and not torch.isfinite(self.last_grad_norm):
-            self.last_step_skipped = True
+            self._skipped = True
             logger.warning("gradient norm is %s: optimizer step skipped", self.last_grad_norm.item())
         else:
             self.optimizer.step()
-            self.last_step_skipped = False
+            self._skipped = False
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
