@@ -166,7 +166,9 @@ def capture_rng() -> dict[str, Any]:
     """This process's Python, numpy, torch and CUDA random states, as plain data."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     cuda: dict[int, torch.Tensor] = {}
-    if torch.cuda.is_available():
+    # Not initialised means no CUDA generator was used yet: nothing to save, and reading one would create
+    # CUDA contexts in a CPU run on a GPU machine.
+    if torch.cuda.is_initialized():
         # Under DDP a rank only touches its own GPU; reading all of them would create a context on each.
         devices = [torch.cuda.current_device()] if distributed() else range(torch.cuda.device_count())
         cuda = {index: torch.cuda.get_rng_state(index) for index in devices}

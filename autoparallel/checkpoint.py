@@ -154,10 +154,11 @@ def _save(path: PathLike, after_write: Callable[[Path], None] | None, *, model: 
 def save_checkpoint(path: PathLike, *, model: nn.Module, ema: Any = None, optimizer: Any = None,
                     scheduler: Any = None, scaler: Any = None, epoch: int | None = None, step: int | None = None,
                     **extra: Any) -> Path:
-    """Save everything needed to resume training to ``path``, atomically, from the main process.
+    """Call on EVERY rank: saves everything needed to resume to ``path``; the main process writes, the others wait.
 
-    Call it on every process: under DDP rank 0 writes the file (with the RNG state of every rank)
-    while the others wait, so no rank reads or overwrites a half-written file.
+    Calling it on rank 0 only (``if rank == 0: save_checkpoint(...)``) deadlocks under DDP: rank 0 waits
+    for the RNG states and the barrier of ranks that never come. Rank 0 writes the file atomically (with
+    the RNG state of every rank) while the others wait, so no rank reads or overwrites a half-written file.
 
     Args:
         path: target file; its folder is created if needed.
@@ -189,11 +190,13 @@ class CheckpointKeeper:
 
     @property
     def last(self) -> Path | None:
+        """``directory/last.pt`` when it exists (the checkpoint to resume from), else None."""
         path = self.directory / "last.pt"
         return path if path.is_file() else None
 
     @property
     def best(self) -> Path | None:
+        """``directory/best.pt`` when it exists (the checkpoint saved with ``is_best=True``), else None."""
         path = self.directory / "best.pt"
         return path if path.is_file() else None
 
@@ -204,7 +207,11 @@ class CheckpointKeeper:
         return [path for _, path in sorted(files)]
 
     def save(self, *, is_best: bool = False, **save_checkpoint_kwargs: Any) -> Path:
-        """Write ``last.pt`` (and ``best.pt`` when ``is_best``) with :func:`save_checkpoint`'s arguments."""
+        """Call on EVERY rank: writes ``last.pt`` (``best.pt`` if ``is_best``); the main process writes, others wait.
+
+        Like :func:`save_checkpoint`, whose keyword arguments it takes, calling it on rank 0 only deadlocks
+        under DDP. ``is_best`` must be the same on every rank (e.g. computed from all-reduced metrics).
+        """
         epoch = save_checkpoint_kwargs.get("epoch")
         if self.keep_last and epoch is None:
             raise ValueError(f"CheckpointKeeper(keep_last={self.keep_last}) names its files by epoch: pass epoch=...")
@@ -339,17 +346,9 @@ def _check_optimizer(optimizer: Any, state: Any, path: Path) -> None:
                         f"the parameter {list(param.shape)}")
 
 
-def _default_device() -> torch.device:
-    try:
-        from .runtime import runtime
-    except ImportError:
-        return torch.device("cpu")
-    return runtime().device
-
-
 def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any = None, optimizer: Any = None,
                     scheduler: Any = None, scaler: Any = None, strict: bool = True, trusted: bool = False,
-                    restore_rng: bool = False, map_location: Any = None) -> dict[str, Any]:
+                    restore_rng: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` or by another common tool.
 
     Everything is validated before anything is loaded, so a failure leaves every object untouched.
@@ -362,7 +361,10 @@ def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any 
         strict: refuse architecture mismatches; with ``False`` load what matches and log the rest.
         trusted: allow pickled Python objects. Unpickling can run arbitrary code: only for files you trust.
         restore_rng: restore the Python, numpy, torch and CUDA random states (exact resume).
-        map_location: where tensors go; default the runtime's device.
+        map_location: where the file's tensors are read to. The default, ``"cpu"``, is what you want:
+            ``load_state_dict`` copies weights and optimizer moments onto the parameters' devices anyway,
+            while reading straight to a GPU holds a second copy of everything there and leaves Adam's
+            ``step`` counters on the GPU, which costs a host sync per parameter on every later step.
 
     Returns:
         ``{"epoch", "step", "extra", "format"}``: progress counters, the saved extra metadata and the
@@ -372,8 +374,6 @@ def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any 
         CheckpointNotFoundError, CorruptCheckpointError, UntrustedCheckpointError, CheckpointMismatchError.
     """
     path = Path(path)
-    if map_location is None:
-        map_location = _default_device()
     checkpoint = _interpret(_read(path, trusted=trusted, map_location=map_location), path)
     model_state = checkpoint["model"]
     actions: list[Callable[[], Any]] = []

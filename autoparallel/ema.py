@@ -2,6 +2,13 @@
 
 The EMA copies ``unwrap(model)``, so DataParallel, DDP and ``torch.compile`` add nothing to its keys
 and the average is the same whatever the model is wrapped in, or when it was wrapped.
+
+Under DDP the parameters are identical on every rank, but BatchNorm's running statistics are not: DDP
+broadcasts rank 0's buffers at the start of each forward, then every rank updates them from its own
+shard. Averaged as they are, the EMA's buffers would drift apart across ranks and each rank would
+evaluate its shard with other statistics. :meth:`EMA.update` therefore broadcasts the EMA's floating
+buffers from rank 0 (one flattened broadcast per update), so every rank holds rank 0's EMA, which is
+also what a checkpoint saves.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ._state import canonical
+from ._state import canonical, distributed
 from .checkpoint import _prepare_module
 from .wrap import unwrap
 
@@ -37,8 +46,16 @@ class EMA:
         decay: the long-run decay; 0.999 averages over roughly the last 1000 steps.
         warmup: start with a small decay that grows with the number of updates, so the average is not
             dominated by the random initial weights in short runs.
-        device: where the EMA lives, e.g. ``"cpu"`` to save GPU memory. ``None`` follows the model,
-            even when it is moved after the EMA was created.
+        device: where the EMA lives. ``None`` follows the model, even when it is moved after the EMA
+            was created. ``"cpu"`` saves GPU memory but costs a device-to-host copy of every parameter
+            and buffer on every update (one blocking copy per tensor), which can cost more than the
+            optimizer step itself: use it only when the GPU memory is really needed.
+
+    Attributes:
+        num_updates: how many times :meth:`update` ran (saved as ``"step"`` in :meth:`state_dict`);
+            it drives the warm-up.
+
+    Under DDP, call :meth:`update` on every rank: it broadcasts the EMA's floating buffers from rank 0.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True,
@@ -55,25 +72,25 @@ class EMA:
             param.grad = None
         if self.device is not None:
             self.module.to(self.device)
-        self.step = 0
+        self.num_updates = 0
 
     def current_decay(self) -> float:
         """The decay the next :meth:`update` uses.
 
-        With warm-up it is ``min(decay, 1 - (1 + t) ** -2/3)`` after ``t`` updates: the power form of
-        timm's ModelEmaV3 warm-up (``get_decay``, power 2/3, gamma 1). The first update therefore copies
-        the model, and the decay reaches 0.999 after about 31 600 updates.
+        With warm-up it is ``min(decay, 1 - (1 + t) ** -2/3)`` after ``t`` updates (:attr:`num_updates`):
+        the power form of timm's ModelEmaV3 warm-up (``get_decay``, power 2/3, gamma 1). The first update
+        therefore copies the model, and the decay reaches 0.999 after about 31 600 updates.
         """
         if not self.warmup:
             return self.decay
-        return min(self.decay, 1.0 - (1.0 + self.step) ** -_WARMUP_POWER)
+        return min(self.decay, 1.0 - (1.0 + self.num_updates) ** -_WARMUP_POWER)
 
     def _tensors(self, module: nn.Module) -> list[torch.Tensor]:
         return [*module.parameters(), *module.buffers()]
 
     @torch.no_grad()
     def update(self) -> None:
-        """Move the average one step towards the model; call once per optimizer step."""
+        """Move the average one step towards the model; call once per optimizer step, on every rank."""
         source = self._tensors(self._source)
         if self.device is None and source and self._tensors(self.module)[0].device != source[0].device:
             self.module.to(source[0].device)  # the model was moved after the EMA was made: follow it
@@ -92,11 +109,26 @@ class EMA:
                 mine.copy_(theirs)
         if float_average:
             torch._foreach_lerp_(float_average, float_source, weight)
-        self.step += 1
+        self._broadcast_buffers()
+        self.num_updates += 1
+
+    def _broadcast_buffers(self) -> None:
+        """Give every rank rank 0's floating EMA buffers (BatchNorm statistics differ per rank under DDP)."""
+        if not distributed() or dist.get_world_size() < 2:
+            return
+        buffers = [buffer for buffer in self.module.buffers() if buffer.is_floating_point()]
+        if not buffers:
+            return
+        flat = _flatten_dense_tensors(buffers)
+        if dist.get_backend() == "nccl" and flat.device.type != "cuda":  # an EMA kept on the CPU under NCCL
+            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.broadcast(flat, src=0)
+        for buffer, synced in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+            buffer.copy_(synced)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"module": weights with clean keys, "step": number of updates}``."""
-        return {"module": self.module.state_dict(), "step": self.step}
+        return {"module": self.module.state_dict(), "step": self.num_updates}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load :meth:`state_dict` output, or a plain (possibly prefixed) state dict of EMA weights."""
@@ -135,8 +167,8 @@ class EMA:
     def _apply_load(self, prepared: tuple[dict[str, Any], int]) -> None:
         matched, step = prepared
         self.module.load_state_dict(matched, strict=False)
-        self.step = step
+        self.num_updates = step
 
     def __repr__(self) -> str:
-        return (f"EMA(decay={self.decay}, warmup={self.warmup}, step={self.step}, "
+        return (f"EMA(decay={self.decay}, warmup={self.warmup}, num_updates={self.num_updates}, "
                 f"module={type(self.module).__name__})")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parallel._functions import Gather
+from torch.nn.parallel.parallel_apply import parallel_apply as _parallel_apply
 
 from .runtime import Runtime
 from .runtime import runtime as current_runtime
@@ -145,13 +146,15 @@ def gather_scalars(
     if len(weights) != len(moved):
         raise ValueError(f"gather_scalars got {len(moved)} values but {len(weights)} weights")
     is_float = first.is_floating_point() or first.is_complex()
-    if not is_float and all(torch.equal(first, value) for value in moved[1:]):
+    # Whether integers agree decides the result's dtype, so it needs one host sync; floats need none.
+    if not is_float and bool(torch.stack(moved).eq(first).all()):
         return first
     # Accumulate in at least fp32 so fp16 losses do not lose precision, then return the input dtype.
+    # Python-float weights: a tensor of weights would be a blocking host-to-device copy on every forward.
     dtype = torch.promote_types(first.dtype, torch.float32) if is_float else torch.get_default_dtype()
-    stacked = torch.stack(moved).to(dtype)
-    weight = torch.tensor([float(w) for w in weights], dtype=stacked.real.dtype, device=target)
-    mean = (stacked * weight).sum() / weight.sum()
+    total = float(sum(weights))
+    terms = [value.to(dtype) * (float(weight) / total) for value, weight in zip(moved, weights)]
+    mean = sum(terms[1:], terms[0])
     return mean.to(first.dtype) if is_float else mean
 
 
@@ -211,6 +214,32 @@ def _first_batch_size(obj: Any, dim: int) -> int | None:
     return None
 
 
+class _AutocastReplica:
+    """Calls one DataParallel replica under the autocast state of the thread that called ``forward``.
+
+    torch's ``parallel_apply`` re-enters autocast in each worker thread passing only ``enabled``, and the
+    autocast dtype is thread-local, so under bf16 the replicas would silently run in fp16, with no grad
+    scaler (pytorch issue #125186). The state is captured when this object is built, in the calling thread.
+    """
+
+    def __init__(self, module: Callable[..., Any], device_type: str) -> None:
+        self.module = module
+        self.device_type = device_type
+        if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+            self.enabled = torch.is_autocast_enabled(device_type)
+            self.dtype = torch.get_autocast_dtype(device_type)
+        elif device_type == "cuda":
+            self.enabled, self.dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            self.enabled, self.dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        self.cache_enabled = torch.is_autocast_cache_enabled()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled,
+                            cache_enabled=self.cache_enabled):
+            return self.module(*args, **kwargs)
+
+
 class DataParallel(nn.DataParallel):
     """nn.DataParallel that stays a drop-in for the model it wraps.
 
@@ -218,6 +247,7 @@ class DataParallel(nn.DataParallel):
     - ``state_dict()``, ``load_state_dict()``, ``named_parameters()`` and ``named_buffers()`` use the
       inner model's names, without ``module.`` (nor ``_orig_mod.`` for a compiled model);
     - 0-dim tensors in the output stay 0-dim (see :func:`gather_scalars`), at any depth;
+    - replicas run under the caller's autocast dtype (bf16 stays bf16, see :class:`_AutocastReplica`);
     - a warning, once per batch size, when the batch leaves GPUs idle or splits unevenly.
 
     Setting an attribute that the wrapper itself does not have goes to the inner model, except new
@@ -294,6 +324,11 @@ class DataParallel(nn.DataParallel):
         if self._split_sizes is not None:
             self._warn_split(sum(self._split_sizes), len(device_ids))
         return scattered_inputs, scattered_kwargs
+
+    def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
+        # torch's parallel_apply only calls module(*input, **kwargs), so a callable can stand in for a replica.
+        runners = [_AutocastReplica(replica, self.src_device_obj.type) for replica in replicas]
+        return _parallel_apply(runners, inputs, kwargs, self.device_ids[: len(replicas)])
 
     def _warn_split(self, batch_size: int, num_gpus: int) -> None:
         message = split_warning(batch_size, num_gpus)

@@ -110,7 +110,7 @@ def test_portability_matrix(source, target, request, tmp_path):
         info = load_checkpoint(path, model=model, ema=target_ema)
         _assert_same(fresh.state_dict(), expected_model)
     _assert_same(target_ema.module.state_dict(), expected_ema)
-    assert target_ema.step == 3
+    assert target_ema.num_updates == 3
     assert info == {"epoch": 4, "step": None, "extra": {}, "format": "autoparallel"}
 
 
@@ -171,6 +171,23 @@ def test_restore_rng_replays_python_numpy_and_torch(tmp_path):
     again = (random.random(), float(np.random.rand()), torch.rand(3))
     assert expected[:2] == again[:2]
     assert torch.equal(expected[2], again[2])
+
+
+def test_rng_capture_leaves_an_uninitialised_cuda_alone(tmp_path, monkeypatch):
+    def creates_a_context(*args):
+        raise AssertionError("reading a CUDA generator would initialise CUDA in a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a 2-GPU machine, running on the CPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", creates_a_context)
+    save_checkpoint(tmp_path / "cpu.pt", model=_net())
+    assert torch.load(tmp_path / "cpu.pt")["rng"][0]["cuda"] == {}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # a GPU run: every visible GPU is saved
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda index: torch.full((2,), index, dtype=torch.uint8))
+    save_checkpoint(tmp_path / "gpu.pt", model=_net())
+    assert {index: state.tolist() for index, state in torch.load(tmp_path / "gpu.pt")["rng"][0]["cuda"].items()} == {
+        0: [0, 0], 1: [1, 1]}
 
 
 # ------------------------------------------------------------------------------------- other layouts
@@ -237,7 +254,7 @@ def test_upstream_camoxpert_checkpoint_loads_model_ema_and_metadata(tmp_path):
         assert torch.equal(param, shadow[f"module.{name}"]), name
     for name, buffer in ema.module.named_buffers():  # upstream kept no buffers: taken from the model
         assert torch.equal(buffer, model.state_dict()[name]), name
-    assert ema.step == 31622  # unknown history: warm-up treated as finished, 1 - (1 + t)^-2/3 >= 0.999
+    assert ema.num_updates == 31622  # unknown history: warm-up treated as finished, 1 - (1 + t)^-2/3 >= 0.999
     assert ema.current_decay() == 0.999
 
 
@@ -270,6 +287,35 @@ def test_torchvision_reference_checkpoint_restores_optimizer(tmp_path):
     assert target_optimizer.param_groups[0]["lr"] == 0.5
     first = next(iter(target_optimizer.state.values()))["momentum_buffer"]
     assert torch.equal(first, next(iter(optimizer.state.values()))["momentum_buffer"])
+
+
+def test_load_reads_to_the_cpu_and_the_optimizer_state_follows_the_parameters(tmp_path, monkeypatch):
+    model = _net(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=optimizer)
+    read_to = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        read_to.append(kwargs.get("map_location"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    target = _net(1)
+    target_optimizer = torch.optim.Adam(target.parameters(), lr=0.1)
+    load_checkpoint(path, model=target, optimizer=target_optimizer)
+    # "cpu", not the runtime's device: reading to a GPU would leave Adam's step counters there
+    assert read_to == ["cpu"]
+    assert type(read_to[0]) is str
+    for param, state in zip(target.parameters(), (target_optimizer.state[p] for p in target.parameters())):
+        assert (state["step"].device.type, state["step"].item()) == ("cpu", 1.0)
+        assert state["exp_avg"].device == param.device
+        assert state["exp_avg_sq"].device == param.device
+    device = torch.device("cpu")
+    load_checkpoint(path, model=target, map_location=device)
+    assert read_to[1] is device  # an explicit choice is passed through
 
 
 # -------------------------------------------------------------------------------------------- errors
@@ -557,7 +603,7 @@ def test_resume_is_exact(restore_rng, tmp_path):
         return
     assert all(same)
     _assert_same(ema.module.state_dict(), straight[1].module.state_dict())
-    assert ema.step == straight[1].step == 24
+    assert ema.num_updates == straight[1].num_updates == 24
     for mine, theirs in zip(optimizer.state.values(), straight[2].state.values()):
         assert all(torch.equal(mine[name], theirs[name]) for name in ("step", "exp_avg", "exp_avg_sq"))
     assert scheduler.state_dict() == straight[3].state_dict()

@@ -32,7 +32,7 @@ def test_update_is_the_exponential_average():
         _set(model, value)
         ema.update()
         assert ema.module.weight.item() == expected
-    assert ema.step == 3
+    assert ema.num_updates == 3
 
 
 def test_warmup_starts_by_copying_and_grows_to_the_decay():
@@ -47,13 +47,13 @@ def test_warmup_starts_by_copying_and_grows_to_the_decay():
     assert decays[1] == pytest.approx(1 - 2 ** (-2 / 3))
     assert decays[2] == 0.5  # 1 - 3^(-2/3) = 0.52, capped at the decay
     assert ema.module.weight.item() == pytest.approx((8 + (16 - 8) * 2 ** (-2 / 3)) * 0.5)
-    assert ema.step == 3
+    assert ema.num_updates == 3
 
 
 def test_warmup_decay_follows_the_power_form_and_is_capped():
     ema = EMA(_scalar_model(0.0), decay=0.999)
     for step, expected in [(0, 0.0), (1, 1 - 2 ** (-2 / 3)), (7, 0.75), (999, 0.99), (10**6, 0.999)]:
-        ema.step = step
+        ema.num_updates = step
         assert ema.current_decay() == pytest.approx(expected, abs=1e-12)
     assert EMA(_scalar_model(0.0), decay=0.9, warmup=False).current_decay() == 0.9
 
@@ -128,6 +128,32 @@ def test_same_average_whatever_the_wrapper(kind, request):
     assert all(torch.equal(result[key], reference[key]) for key in reference)
 
 
+def test_floating_buffers_come_from_rank_0_in_one_broadcast(process_group, monkeypatch):
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.5, warmup=False)
+    calls = []
+
+    def fake_broadcast(tensor, src):  # rank 0's EMA buffers: running_mean then running_var, flattened
+        calls.append((tensor.shape, tensor.dtype, src))
+        tensor.copy_(torch.tensor([10.0, 11.0, 12.0, 13.0]))
+
+    monkeypatch.setattr(dist, "broadcast", fake_broadcast)
+    with torch.no_grad():
+        model[1].running_mean.fill_(4.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update()
+    assert calls == []  # a single process has nothing to agree on
+    assert ema.module[1].running_mean.tolist() == [2.0, 2.0]
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    ema.update()
+    assert calls == [(torch.Size([4]), torch.float32, 0)]
+    assert ema.module[1].running_mean.tolist() == [10.0, 11.0]
+    assert ema.module[1].running_var.tolist() == [12.0, 13.0]
+    assert ema.module[1].num_batches_tracked.item() == 7  # integer buffers are copied from the model, not sent
+    assert torch.equal(ema.module[0].weight, model[0].weight)  # parameters agree under DDP: not sent either
+    assert ema.num_updates == 2
+
+
 def test_cpu_placement():
     model = nn.Linear(3, 3)
     ema = EMA(model, decay=0.5, device="cpu")
@@ -157,7 +183,7 @@ def test_state_dict_round_trip_restores_weights_and_step():
     assert list(state["module"]) == ["weight"]
     other = EMA(_scalar_model(-5.0), decay=0.9)
     other.load_state_dict(state)
-    assert other.step == 2
+    assert other.num_updates == 2
     assert torch.equal(other.module.weight, ema.module.weight)
 
 
@@ -165,7 +191,7 @@ def test_load_a_bare_prefixed_state_dict():
     ema = EMA(_scalar_model(0.0), decay=0.99)
     ema.load_state_dict({"module._orig_mod.weight": torch.full((1, 1), 3.0)})
     assert ema.module.weight.item() == 3.0
-    assert ema.step == 999  # unknown history: warm-up counted as done, so the decay is 0.99 at once
+    assert ema.num_updates == 999  # unknown history: warm-up counted as done, so the decay is 0.99 at once
     assert ema.current_decay() == 0.99
 
 
@@ -177,7 +203,7 @@ def test_load_mismatch_names_the_keys_and_changes_nothing():
                                                       r"\[2, 2\]\)"):
         ema.load_state_dict({"module": {"weight": torch.zeros(3, 2)}, "step": 4})
     assert torch.equal(ema.module.weight, before)
-    assert ema.step == 0
+    assert ema.num_updates == 0
 
 
 def test_structure_change_after_creation_is_reported():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import types
 from collections import OrderedDict, namedtuple
 
@@ -26,6 +27,7 @@ CPU = Runtime(mode="cpu", device="cpu", device_ids=())
 # On this CPU-only machine nn.DataParallel is a pass-through, so a "dp" runtime on the CPU builds the real
 # wrapper structure (prefixes, attribute access) without GPUs.
 DP_ON_CPU = Runtime(mode="dp", device="cpu", device_ids=())
+wrap_module = sys.modules["autoparallel.wrap"]  # the package's `wrap` attribute is the function, not the module
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="DataParallel is a pass-through only without GPUs")
 
 
@@ -319,3 +321,126 @@ def test_split_warning_is_logged_once_per_situation(net, caplog):
             wrapped._warn_split(batch, 2)
     assert [record.getMessage()[:40] for record in caplog.records] == [
         "DataParallel split a batch of 5 over 2 G", "DataParallel split a batch of 7 over 2 G"]
+
+
+def test_gather_scalars_of_floats_never_syncs_with_the_host(monkeypatch):
+    values = [torch.tensor(2.0), torch.tensor(4.0)]
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("gather_scalars made a tensor from Python data or read a value on the host")
+
+    for name in ("tensor", "equal", "as_tensor"):
+        monkeypatch.setattr(torch, name, host_sync)
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, host_sync)
+    result = gather_scalars(values, [3, 1])
+    monkeypatch.undo()
+    assert (result.shape, result.item()) == ((), 2.5)
+
+
+def _torch_like_parallel_apply(modules, inputs, kwargs_tup=None, devices=None):
+    """torch.nn.parallel.parallel_apply on the CPU: one thread per replica re-entering autocast with only
+    ``enabled``, as torch does for CUDA (the thread-local dtype is then the device's default)."""
+    enabled = torch.is_autocast_enabled("cpu")
+    kwargs_tup = kwargs_tup or [{}] * len(modules)
+    results = [None] * len(modules)
+
+    def worker(index):
+        with torch.autocast("cpu", enabled=enabled):
+            results[index] = modules[index](*inputs[index], **kwargs_tup[index])
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(modules))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+class AutocastProbe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.seen: list[tuple[bool, torch.dtype, torch.dtype]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype))
+        return out
+
+
+def _on_fake_devices(wrapped: DataParallel, num_devices: int) -> DataParallel:
+    """Make a CPU DataParallel act as if it drove ``num_devices`` GPUs (torch skips this setup without GPUs)."""
+    wrapped.device_ids = list(range(num_devices))
+    wrapped.__dict__["src_device_obj"] = torch.device("cpu")
+    wrapped.__dict__["output_device"] = 0
+    wrapped.__dict__["dim"] = 0
+    return wrapped
+
+
+def test_replicas_run_under_the_callers_autocast_dtype(monkeypatch):
+    probe = AutocastProbe()
+    # fp16 is not CPU autocast's default (bf16), just as bf16 is not CUDA's default (fp16): pytorch #125186
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = _torch_like_parallel_apply([probe, probe], [(torch.randn(1, 2),)] * 2)
+    assert {entry[1] for entry in probe.seen} == {torch.bfloat16}  # the bug our wrapper fixes
+    assert all(out.dtype == torch.bfloat16 for out in plain)
+    probe.seen.clear()
+    monkeypatch.setattr(wrap_module, "_parallel_apply", _torch_like_parallel_apply)
+    wrapped = _on_fake_devices(DataParallel(probe), 2)
+    with torch.autocast("cpu", dtype=torch.float16):
+        outputs = wrapped.parallel_apply([probe, probe], [(torch.randn(1, 2),)] * 2, None)
+    assert probe.seen == [(True, torch.float16, torch.float16)] * 2
+    assert [out.dtype for out in outputs] == [torch.float16] * 2
+    probe.seen.clear()
+    wrapped.parallel_apply([probe, probe], [(torch.randn(1, 2),)] * 2, None)  # no autocast: stays off
+    assert [(enabled, out_dtype) for enabled, _, out_dtype in probe.seen] == [(False, torch.float32)] * 2
+
+
+class AuxNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> dict:
+        pred = self.linear(x)
+        return {"pred": pred, "aux": ((pred - target) ** 2).mean(), "parts": [Output(pred, pred.sum(1)), None]}
+
+
+def test_forward_scatters_runs_replicas_and_gathers_like_the_full_batch(monkeypatch, caplog):
+    class ChunkScatter:  # torch's Scatter copies each chunk to its GPU; on the CPU a chunk is enough
+        @staticmethod
+        def apply(target_gpus, chunk_sizes, dim, tensor):
+            return tensor.chunk(len(target_gpus), dim)
+
+    class CatGather:
+        @staticmethod
+        def apply(output_device, dim, *tensors):
+            return torch.cat(tensors, dim)
+
+    monkeypatch.setattr(torch.nn.parallel.scatter_gather, "Scatter", ChunkScatter)
+    monkeypatch.setattr(wrap_module, "Gather", CatGather)
+    monkeypatch.setattr(wrap_module, "_parallel_apply", _torch_like_parallel_apply)
+    torch.manual_seed(0)
+    net = AuxNet()
+    wrapped = _on_fake_devices(DataParallel(net), 2)
+    replicated = []
+    monkeypatch.setattr(wrapped, "replicate", lambda module, ids: replicated.append(list(ids)) or [module] * len(ids))
+    x, target = torch.randn(5, 3), torch.randn(5, 2)
+    full = net(x, target)
+    (full_grad,) = torch.autograd.grad(full["aux"], net.linear.weight)
+    with caplog.at_level(logging.WARNING, logger="autoparallel"):
+        merged = wrapped(x, target=target)
+    assert replicated == [[0, 1]]
+    assert wrapped._split_sizes == [3, 2]
+    assert "split a batch of 5 over 2 GPUs as [3, 2]" in caplog.text
+    assert list(merged) == ["pred", "aux", "parts"]
+    assert merged["aux"].shape == ()
+    torch.testing.assert_close(merged["aux"], full["aux"])
+    (merged_grad,) = torch.autograd.grad(merged["aux"], net.linear.weight)
+    torch.testing.assert_close(merged_grad, full_grad)
+    assert torch.equal(merged["pred"], full["pred"])
+    assert type(merged["parts"]) is list
+    assert merged["parts"][1] is None
+    assert type(merged["parts"][0]) is Output
+    assert torch.equal(merged["parts"][0].aux, full["pred"].sum(1))
