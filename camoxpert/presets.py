@@ -1,0 +1,330 @@
+"""Hardware presets for ``kaggle_2gpu_train.py``: batch, accumulation, image size, precision and workers.
+
+The seed's launcher hard-coded one configuration for Kaggle's 2 x T4 and mislabelled its batch ("16 per
+GPU" when DataParallel splits 16 into 8 + 8). Here the configuration follows the hardware autoparallel
+detects, every value carries the reason it was chosen, and flags or seed-000-style environment variables
+(``TRAIN_BATCH_SIZE``, ``GRADIENT_ACCUMULATION_STEPS``, ``IMG_SIZE``, ...) override any of them.
+
+Batch sizes mean what ``train_ultimate.py`` means: ``--batch-size`` is the GLOBAL batch of one micro-step,
+split over the GPUs; ``TRAIN_BATCH_SIZE`` is per GPU, as in seed 000's ``run_multi_gpu.sh``. Every preset
+keeps the effective batch (global batch x accumulation) at :data:`TARGET_EFFECTIVE_BATCH`, the batch the
+recipe's learning rates were set for, so the LR needs no change from one machine to the next.
+
+The synthetic demo's configuration lives here too, in one place: :data:`DEMO` (and :data:`DEMO_SMALL`,
+a seconds-long smoke run).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoparallel import Hardware, Runtime
+
+TARGET_EFFECTIVE_BATCH = 16
+"""Effective batch of the recipe (the seed's kaggle_2gpu_train.py: batch 16, accumulation 1)."""
+
+RECIPE: dict[str, Any] = {
+    # The seed's guide command (README_MULTI_GPU.md); batch, size, precision and workers come from the preset.
+    "backbone": "edgenext_base",
+    "num_experts": 7,
+    "epochs": 140,
+    "stage1_epochs": 30,
+    "lr": 6.5e-4,
+    "stage2_lr": 1.5e-4,
+    "scheduler": "cosine",
+    "min_lr": 1e-5,
+    "warmup_epochs": 10,
+    "progressive_unfreeze": True,
+    "deep_supervision": True,
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The synthetic demo: what a new user sees from ``python kaggle_2gpu_train.py`` with no data set."""
+
+    backbone: str = "resnet18"
+    pretrained: bool = False  # random init: the measured configuration, and nothing to download
+    num_experts: int = 7
+    num_train: int = 320
+    num_test: int = 40
+    source_size: int = 160  # side of the generated images
+    img_size: int = 128  # side the model trains at
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    scheduler: str = "onecycle"
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+    extra: tuple[str, ...] = ()  # further train_ultimate.py flags
+
+
+DEMO = DemoConfig()
+DEMO_SMALL = DemoConfig(num_experts=2, num_train=12, num_test=4, source_size=64, img_size=64, epochs=1,
+                        batch_size=4, max_steps_per_epoch=2)
+
+# Simulated machines for `--simulate 2xT4` (what the preset would be there), as torch reports them.
+KNOWN_GPUS: dict[str, tuple[str, float, tuple[int, int]]] = {
+    "T4": ("Tesla T4", 14.74, (7, 5)),
+    "P100": ("Tesla P100-PCIE-16GB", 15.89, (6, 0)),
+    "V100": ("Tesla V100-SXM2-16GB", 15.77, (7, 0)),
+    "L4": ("NVIDIA L4", 22.03, (8, 9)),
+    "A10G": ("NVIDIA A10G", 22.06, (8, 6)),
+    "RTX4090": ("NVIDIA GeForce RTX 4090", 23.99, (8, 9)),
+    "A100": ("NVIDIA A100-SXM4-40GB", 39.39, (8, 0)),
+    "A100-80GB": ("NVIDIA A100-SXM4-80GB", 79.15, (8, 0)),
+    "H100": ("NVIDIA H100 80GB HBM3", 79.19, (9, 0)),
+}
+LARGE_GPU_GIB = 22.0  # "24 GB" cards (A10G, L4, RTX 4090) report 22-24 GiB to torch
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the preset table: a value and why it has that value."""
+
+    value: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved training configuration for this machine."""
+
+    preset: str
+    hardware: str
+    replicas: int  # data-parallel copies of the model (GPUs, or 1)
+    processes: int  # 1, or one per GPU under DDP
+    settings: Mapping[str, Setting] = field(default_factory=dict)
+
+    def value(self, key: str) -> Any:
+        return self.settings[key].value
+
+
+ROW_LABELS = {
+    "batch_size": "global batch",
+    "per_gpu_batch": "per-GPU batch",
+    "stage2_batch_size": "stage-2 global batch",
+    "accumulation_steps": "accumulation steps",
+    "effective_batch": "effective batch",
+    "img_size": "image size",
+    "precision": "precision",
+    "num_workers": "workers per process",
+    "epochs": "epochs",
+    "stage1_epochs": "stage-1 epochs",
+    "warmup_epochs": "warm-up epochs",
+}
+
+# Environment variables (seed 000 style) -> (setting, kind). Aliases are seed 000's own names.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "GLOBAL_BATCH_SIZE": ("batch_size", "int"),
+    "TRAIN_BATCH_SIZE": ("per_gpu_batch", "int"),
+    "GRADIENT_ACCUMULATION_STEPS": ("accumulation_steps", "int"),
+    "GRADIENT_ACCUMULATION": ("accumulation_steps", "int"),
+    "IMG_SIZE": ("img_size", "int"),
+    "RESOLUTION": ("img_size", "int"),
+    "EPOCHS": ("epochs", "int"),
+    "NUM_WORKERS": ("num_workers", "int"),
+    "MIXED_PRECISION": ("precision", "precision"),
+}
+_PRECISION_ALIASES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "no": "fp32", "32": "fp32", "16": "fp16"}
+
+
+def parse_override(name: str, text: str, kind: str) -> Any:
+    """Converts an environment value, with an error that names the variable, the value and a valid example."""
+    text = text.strip()
+    if kind == "precision":
+        if text.lower() not in _PRECISION_ALIASES:
+            raise ValueError(f"{name}={text!r} is not a precision: use fp16, bf16, fp32 or no")
+        return _PRECISION_ALIASES[text.lower()]
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer: unset it or set e.g. {name}=8") from None
+    if value < (0 if name == "NUM_WORKERS" else 1):
+        raise ValueError(f"{name}={value} is too small: it must be at least {0 if name == 'NUM_WORKERS' else 1}")
+    return value
+
+
+def overrides_from_env(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """Settings given by environment variables, as ``{setting: (value, "NAME=value (environment)")}``."""
+    found: dict[str, tuple[Any, str]] = {}
+    for name, (key, kind) in ENV_OVERRIDES.items():
+        if environ.get(name, "").strip() and key not in found:
+            found[key] = (parse_override(name, environ[name], kind), f"{name}={environ[name].strip()} (environment)")
+    if "batch_size" in found and "per_gpu_batch" in found:
+        raise ValueError("both GLOBAL_BATCH_SIZE and TRAIN_BATCH_SIZE are set: keep one (TRAIN_BATCH_SIZE is per GPU)")
+    return found
+
+
+def parse_simulated(spec: str) -> Hardware:
+    """``"2xT4"`` -> two simulated Tesla T4s; ``"cpu"`` -> no GPU. Names are the keys of KNOWN_GPUS."""
+    if spec.strip().lower() == "cpu":
+        return Hardware()
+    count_text, _, name = spec.strip().partition("x")
+    if not count_text.isdigit() or int(count_text) < 1 or name.upper() not in {k.upper() for k in KNOWN_GPUS}:
+        raise ValueError(f"--simulate {spec!r} is not a machine: use COUNTxGPU with GPU one of "
+                         f"{', '.join(KNOWN_GPUS)} (e.g. 2xT4), or cpu")
+    gpu_name, memory, capability = next(v for k, v in KNOWN_GPUS.items() if k.upper() == name.upper())
+    return Hardware.uniform(int(count_text), gpu_name, memory, capability)
+
+
+def describe_hardware(rt: Runtime) -> str:
+    if not rt.gpu_names:
+        return "CPU only"
+    return f"{len(rt.gpu_names)} x {rt.gpu_names[0]} ({min(rt.gpu_memory_gib):.1f} GiB each)"
+
+
+def _preset_for(rt: Runtime) -> tuple[str, int, str]:
+    """Name, per-GPU batch and the batch's reason for the detected GPUs."""
+    count, names = len(rt.gpu_names), " ".join(rt.gpu_names).upper()
+    memory = min(rt.gpu_memory_gib)
+    if all("T4" in name.upper() for name in rt.gpu_names) and count in (1, 2):
+        why = ("8 images of 320 px per T4 (15 GiB) in fp16, with room for stage 2; upstream's kaggle script "
+               "also ran 16 over 2 T4s")
+        return f"{count}xT4", 8, why
+    if "P100" in names and count == 2:
+        return "2xP100", 8, "8 images of 320 px per 16 GiB P100 in fp16, as on a T4"
+    if count == 1 and memory >= LARGE_GPU_GIB:
+        why = f"{memory:.0f} GiB holds the whole effective batch of {TARGET_EFFECTIVE_BATCH} at 320 px: no accumulation"
+        return "1xGPU>=24GB", TARGET_EFFECTIVE_BATCH, why
+    per_gpu = 4 if memory < 10 else 8 if memory < LARGE_GPU_GIB else 16
+    return f"{count}xGPU", per_gpu, f"{per_gpu} images of 320 px fit {memory:.0f} GiB per GPU"
+
+
+def _precision_reason(rt: Runtime) -> str:
+    if rt.device.type == "cpu":
+        return "CPU: fp32 (autocast brings no training speed-up on a CPU)"
+    name = rt.gpu_names[0]
+    if rt.precision == "bf16":
+        return f"{name} has native bf16: fp32's range at half the memory, no grad scaler needed"
+    if rt.precision == "fp16":
+        return f"{name} has no native bf16 (needs compute capability 8.0+): fp16 with a grad scaler"
+    return "fp32 as requested (AUTOPARALLEL_PRECISION)"
+
+
+def _cpu_count() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity API
+        return os.cpu_count() or 1
+
+
+def build_plan(rt: Runtime, *, processes: int = 1, overrides: Mapping[str, tuple[Any, str]] | None = None,
+               cpu_count: int | None = None) -> Plan:
+    """Picks the preset for ``rt`` and applies ``overrides`` ({setting: (value, source)}), deriving the rest.
+
+    ``processes`` > 1 means DDP with that many processes, each one a replica (``rt`` is then either one
+    of them or the parent that will launch them).
+
+    Derived values follow what was overridden: a smaller ``TRAIN_BATCH_SIZE`` raises the accumulation so the
+    effective batch stays at TARGET_EFFECTIVE_BATCH, unless the accumulation is given too.
+
+    Raises:
+        ValueError: a batch that DDP cannot split evenly over its processes.
+    """
+    overrides = dict(overrides or {})
+    cpus = cpu_count or _cpu_count()
+    on_gpu = bool(rt.gpu_names) and rt.device.type == "cuda"
+    processes = rt.world_size if rt.mode == "ddp" else processes
+    ddp = processes > 1
+    replicas = processes if ddp else max(1, len(rt.device_ids))
+    if on_gpu:
+        name, per_gpu, why_batch = _preset_for(rt)
+    else:
+        name, per_gpu = "CPU", 4
+        why_batch = "CPU: 4 images keep a step within seconds; COD10K on a CPU takes days, the demo is the CPU run"
+    settings: dict[str, Setting] = {}
+
+    def put(key: str, value: Any, reason: str) -> None:
+        settings[key] = Setting(*overrides[key]) if key in overrides else Setting(value, reason)
+
+    unit = "GPU" if on_gpu else "process"
+    units = f"{replicas} {unit}" + ("" if replicas == 1 else "s" if on_gpu else "es")
+    if "batch_size" in overrides:
+        global_batch, source = overrides["batch_size"]
+        settings["batch_size"] = Setting(global_batch, source)
+        per_gpu = global_batch / replicas
+        shown = int(per_gpu) if per_gpu == int(per_gpu) else f"{math.floor(per_gpu)}-{math.ceil(per_gpu)}"
+        settings["per_gpu_batch"] = Setting(shown, f"global {global_batch} split over {units}")
+    else:
+        put("per_gpu_batch", per_gpu, why_batch)
+        per_gpu = settings["per_gpu_batch"].value
+        global_batch = per_gpu * replicas
+        settings["batch_size"] = Setting(global_batch, f"{per_gpu} per {unit} x {units}; "
+                                         "train_ultimate.py's --batch-size is this global batch")
+    if ddp and global_batch % replicas:
+        raise ValueError(f"global batch {global_batch} does not split evenly over {replicas} DDP processes: "
+                         f"use a multiple of {replicas} (e.g. {replicas * max(1, global_batch // replicas)})")
+    stage2 = max(replicas, (global_batch * 3 // 4) // replicas * replicas)
+    settings["stage2_batch_size"] = Setting(stage2, "3/4 of the stage-1 batch: stage 2 also trains the backbone "
+                                                    "(the seed's 16 -> 12)")
+    put("accumulation_steps", max(1, math.ceil(TARGET_EFFECTIVE_BATCH / global_batch)),
+        f"keeps the effective batch at {TARGET_EFFECTIVE_BATCH}, the batch the recipe's LR was set for")
+    effective = global_batch * settings["accumulation_steps"].value
+    settings["effective_batch"] = Setting(effective, "global batch x accumulation: images per optimizer step")
+    put("img_size", 320, "the seed's Kaggle size: 320 px fits the batch above; OOM: IMG_SIZE=288")
+    put("precision", rt.precision, _precision_reason(rt))
+    if on_gpu:
+        workers = max(1, min(8, cpus // processes))
+        why = (f"{cpus} CPU cores / {processes} process{'es' if processes > 1 else ''}, at most 8: more workers "
+               "than cores only adds contention")
+    else:
+        workers = max(0, min(4, cpus - 1))
+        why = f"{cpus} CPU cores: one stays with the training process"
+    put("num_workers", workers, why)
+    put("epochs", RECIPE["epochs"], "the seed's recipe")
+    epochs = settings["epochs"].value
+    scale = epochs / RECIPE["epochs"]
+    settings["stage1_epochs"] = Setting(round(RECIPE["stage1_epochs"] * scale),
+                                        f"{RECIPE['stage1_epochs']} of {RECIPE['epochs']} in the recipe, scaled")
+    settings["warmup_epochs"] = Setting(round(RECIPE["warmup_epochs"] * scale),
+                                        f"{RECIPE['warmup_epochs']} of {RECIPE['epochs']} in the recipe, scaled")
+    return Plan(preset=name, hardware=describe_hardware(rt), replicas=replicas, processes=processes,
+                settings=settings)
+
+
+def format_plan(plan: Plan) -> str:
+    """The preset as a table: setting, value, reason."""
+    width = max(len(label) for label in ROW_LABELS.values())
+    labels = dict(ROW_LABELS, per_gpu_batch="per-process batch") if plan.preset == "CPU" else ROW_LABELS
+    processes = f"{plan.processes} process" + ("es" if plan.processes > 1 else "")
+    lines = [f"Preset {plan.preset}: {plan.hardware}, {processes}", ""]
+    lines += [f"  {label:<{width}}  {plan.settings[key].value!s:<6}  {plan.settings[key].reason}"
+              for key, label in labels.items() if key in plan.settings]
+    return "\n".join(lines)
+
+
+def train_arguments(plan: Plan, *, dataset_path: str, checkpoint_dir: str, strategy: str = "auto",
+                    device: str = "auto", resume_from: str | None = None) -> list[str]:
+    """``train_ultimate.py train`` arguments for the full recipe with this plan's values."""
+    value = plan.value
+    argv = ["train", "--dataset-path", dataset_path, "--checkpoint-dir", checkpoint_dir,
+            "--backbone", RECIPE["backbone"], "--num-experts", str(RECIPE["num_experts"]),
+            "--batch-size", str(value("batch_size")), "--stage2-batch-size", str(value("stage2_batch_size")),
+            "--accumulation-steps", str(value("accumulation_steps")), "--img-size", str(value("img_size")),
+            "--epochs", str(value("epochs")), "--stage1-epochs", str(value("stage1_epochs")),
+            "--lr", str(RECIPE["lr"]), "--stage2-lr", str(RECIPE["stage2_lr"]), "--scheduler", RECIPE["scheduler"],
+            "--min-lr", str(RECIPE["min_lr"]), "--warmup-epochs", str(value("warmup_epochs"))]
+    argv += ["--progressive-unfreeze"] if RECIPE["progressive_unfreeze"] else []
+    argv += ["--deep-supervision"] if RECIPE["deep_supervision"] else []
+    argv += ["--num-workers", str(value("num_workers")), "--precision", str(value("precision")),
+             "--strategy", strategy, "--device", device]
+    return argv + (["--resume-from", resume_from] if resume_from else [])
+
+
+def demo_arguments(config: DemoConfig, *, dataset_path: str, checkpoint_dir: str, num_workers: int,
+                   strategy: str = "auto", device: str = "auto", resume_from: str | None = None) -> list[str]:
+    """``train_ultimate.py train`` arguments for the synthetic demo."""
+    argv = ["train", "--dataset-path", dataset_path, "--checkpoint-dir", checkpoint_dir,
+            "--backbone", config.backbone, "--pretrained" if config.pretrained else "--no-pretrained",
+            "--num-experts", str(config.num_experts), "--img-size", str(config.img_size),
+            "--batch-size", str(config.batch_size), "--epochs", str(config.epochs), "--stage1-epochs", "0",
+            "--lr", str(config.lr), "--scheduler", config.scheduler, "--seed", str(config.seed),
+            "--num-workers", str(num_workers), "--strategy", strategy, "--device", device]
+    if config.max_steps_per_epoch is not None:
+        argv += ["--max-steps-per-epoch", str(config.max_steps_per_epoch)]
+    return argv + list(config.extra) + (["--resume-from", resume_from] if resume_from else [])

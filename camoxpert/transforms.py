@@ -1,0 +1,82 @@
+"""Joint image/mask transforms (torchvision transforms v2) on uint8 tensors.
+
+The image is a ``tv_tensors.Image`` and the mask a ``tv_tensors.Mask``, so every geometric transform
+moves both the same way (masks with nearest interpolation and fill 0) while colour jitter and
+normalisation touch the image only. Inputs are uint8, straight from the cache: cropping and resizing
+uint8 is cheaper than float, and the conversion happens once, at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CACHE_SCALE", "cache_size", "train_transform", "eval_transform"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_SCALE = 1.25
+"""Training images are cached this much larger than ``img_size`` so random crops keep detail."""
+
+
+def cache_size(img_size: int) -> int:
+    """Side of the cached training images for a model input of ``img_size``."""
+    return int(round(img_size * CACHE_SCALE))
+
+
+class _RandomResizedCrop(v2.RandomResizedCrop):
+    """RandomResizedCrop whose masks use pixel-centred nearest ("nearest-exact") interpolation.
+
+    torchvision resizes masks with legacy "nearest", which samples source pixel ``floor(i * scale)``
+    while the bilinear image samples around ``(i + 0.5) * scale - 0.5``: the mask then sits up to a
+    source pixel up-left of the object it labels. Nearest-exact samples the same centres as the image.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            # F.resized_crop's mask kernel ignores `interpolation`, so crop and resize separately.
+            cropped = F.crop(inpt, params["top"], params["left"], params["height"], params["width"])
+            return F.resize(cropped, list(self.size), interpolation=InterpolationMode.NEAREST_EXACT)
+        return super().transform(inpt, params)
+
+
+def _to_float() -> list[v2.Transform]:
+    return [
+        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
+
+
+def train_transform(
+    img_size: int,
+    *,
+    crop_scale: tuple[float, float] = (0.5, 1.0),
+    rotation: float = 15.0,
+    rotation_p: float = 0.3,
+    jitter: float = 0.2,
+    jitter_p: float = 0.5,
+) -> v2.Transform:
+    """Random resized crop, horizontal flip, small rotation, colour jitter (image only), normalisation.
+
+    No vertical flip or 90-degree turns (the upstream had them): camouflaged animals have an up, and
+    gravity is part of the scene.
+    """
+    return v2.Compose([
+        _RandomResizedCrop(img_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(0.5),
+        v2.RandomApply(
+            [v2.RandomRotation(rotation, InterpolationMode.BILINEAR, fill={tv_tensors.Image: 0, tv_tensors.Mask: 0})],
+            p=rotation_p,
+        ),
+        v2.RandomApply([v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)], p=jitter_p),
+        *_to_float(),
+    ])
+
+
+def eval_transform(img_size: int) -> v2.Transform:
+    """Resize (a no-op when the cache already holds ``img_size``) and normalise."""
+    return v2.Compose([v2.Resize((img_size, img_size), antialias=True), *_to_float()])
