@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import torch
+from _emit import emit  # this folder is sys.path[0] for a script
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -71,7 +72,7 @@ def main() -> None:
         "param_checksums_per_rank": ap.all_gather(checksum(ddp_params)).tolist(), **probes,
     }
     if rt.is_main:
-        print("RESULT " + json.dumps(result), flush=True)
+        emit("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

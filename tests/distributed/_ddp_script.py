@@ -11,6 +11,7 @@ import sys
 import time
 
 import torch
+from _emit import emit  # this folder is sys.path[0] for a script
 
 import autoparallel as ap
 
@@ -24,8 +25,8 @@ def main() -> None:
     if os.environ.get("AP_TEST_STUCK_RANK") == str(rt.rank):
         time.sleep(300)
     total = ap.all_reduce(torch.tensor(float(rt.rank + 1)), op="sum")
-    print(f"RESULT rank={rt.rank} world={rt.world_size} sum={total.item():g} launcher={rt.launcher} "
-          f"mode={rt.mode} args={' '.join(sys.argv[1:])}", flush=True)
+    emit(f"RESULT rank={rt.rank} world={rt.world_size} sum={total.item():g} launcher={rt.launcher} "
+         f"mode={rt.mode} args={' '.join(sys.argv[1:])}")
 
 
 if __name__ == "__main__":
