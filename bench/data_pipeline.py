@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         build = time.perf_counter() - start
         rows.append((f"cache build (decode once, {len(train)} images, up to 4 threads)", len(train) / build))
         rows.append(("train, cached (memory-mapped uint8 + augment)", _rate(train, args.passes)))
-        train, _ = build_train_val(root, cache=True, cache_dir=Path(tmp) / "cache", augment=False, **kwargs)
+        train, _ = build_train_val(root, cache=True, cache_dir=Path(tmp) / "cache", augment="none", **kwargs)
         rows.append(("train, cached, no augmentation (resize + normalise)", _rate(train, args.passes)))
         test = build_eval_dataset(root, img_size=args.img_size, cache=False)
         rows.append(("eval, no cache", _rate(test, 1)))

@@ -70,6 +70,10 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--img-size", type=int, default=320, help="square training side in pixels (default: 320)")
     data.add_argument("--val-fraction", type=float, default=0.1,
                       help="share of Train held out for validation, seeded by --seed (default: 0.1)")
+    data.add_argument("--augment", default="standard", choices=("standard", "light", "none"),
+                      help="training augmentation: standard (crops to half the area, rotation, colour jitter), "
+                           "light (crops to 80%%, flip, colour jitter: for short runs such as the demo) or none "
+                           "(default: standard)")
     data.add_argument("--keep-noncam", action="store_true",
                       help="train on COD10K's NonCAM images (empty masks) too, as the upstream did; the "
                            "literature's training set is CAM-only, and NonCAM never go to validation "

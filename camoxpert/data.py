@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from camoxpert.layout import Layout, SplitDirs, detect_layout, is_noncam, pair_files
-from camoxpert.transforms import cache_size, eval_transform, train_transform
+from camoxpert.transforms import AUGMENTATIONS, cache_size, eval_transform, train_transform
 
 try:
     import fcntl
@@ -265,9 +265,12 @@ def _is_empty(source: _Source, i: int) -> bool:
 class TrainDataset(Dataset):
     """(image float32 3xSxS ImageNet-normalised, mask float32 1xSxS in {0, 1}) with joint augmentation."""
 
-    def __init__(self, source: _Source, indices: Sequence[int], img_size: int, augment: bool = True) -> None:
+    def __init__(self, source: _Source, indices: Sequence[int], img_size: int, augment: str = "standard") -> None:
+        if augment != "none" and augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={augment!r}: choose one of {', '.join([*AUGMENTATIONS, 'none'])}")
         self.source, self.indices, self.img_size = source, list(indices), img_size
-        self.transform = train_transform(img_size) if augment else eval_transform(img_size)
+        self.transform = (eval_transform(img_size) if augment == "none"
+                          else train_transform(img_size, **AUGMENTATIONS[augment]))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -349,7 +352,7 @@ def build_train_val(
     img_size: int,
     val_fraction: float = 0.1,
     seed: int = 42,
-    augment: bool = True,
+    augment: str = "standard",
     cache: bool | str = True,
     cache_dir: str | Path | None = None,
     keep_noncam: bool = True,
@@ -360,7 +363,8 @@ def build_train_val(
         root: Data set folder (any layout :func:`detect_layout` knows that has a train split).
         img_size: Model input side; Train is cached at ``cache_size(img_size)`` for random crops.
         val_fraction: Share of Train's CAM images held out (seeded by ``seed``); 0 gives an empty val set.
-        augment: Joint crop/flip/rotation and colour jitter; off, images are only resized.
+        augment: ``standard`` or ``light`` joint crop/flip(/rotation) and colour jitter (see
+            ``transforms.AUGMENTATIONS``); ``none`` only resizes.
         cache: True (memory-mapped ``.npy`` in ``cache_dir``), ``"memory"``, or False (decode per access).
         cache_dir: Where the cache lives; default ``<root>/.camoxpert-cache``, or ``~/.cache/camoxpert``
             when the data set is read-only.
@@ -403,7 +407,7 @@ def build_eval_dataset(
     """
     layout = detect_layout(root)
     if split == "val":
-        _, val = build_train_val(root, img_size=img_size, val_fraction=val_fraction, seed=seed, augment=False,
+        _, val = build_train_val(root, img_size=img_size, val_fraction=val_fraction, seed=seed, augment="none",
                                  cache=cache, cache_dir=cache_dir)
         return val
     if split == "train":

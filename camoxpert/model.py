@@ -104,8 +104,8 @@ class CamoXpert(nn.Module):
             coarser, level_aux = self._run(self.decoder.level_forward, index, features[index], coarser)
             decoded[index] = coarser
             aux_loss = aux_loss + level_aux.float()
-        full, half, quarter = self._run(self.high_res.stem, images)
-        mask = self._run(self.high_res.fuse, decoded[0], full, half, quarter)
+        half, quarter = self._run(self.high_res.stem, images)
+        mask = self._run(self.high_res.fuse, decoded[0], half, quarter)
         mask = upsample_to(mask, images)
         side: list[Tensor] = []
         if self.deep_supervision:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camoxpert.filters import box_mean
+
 __all__ = ["EXPERT_TYPES", "MoEBlock", "build_expert", "default_top_k", "switch_balancing_loss"]
 
 
@@ -118,7 +120,7 @@ class LocalContrastExpert(nn.Module):
                                   nn.Conv2d(channels, channels, 3, padding=1))
 
     def forward(self, x: Tensor) -> Tensor:
-        contrasts = [x - F.avg_pool2d(x, w, stride=1, padding=w // 2, count_include_pad=False) for w in self.windows]
+        contrasts = [x - box_mean(x, w, count_include_pad=False) for w in self.windows]
         return self.fuse(torch.cat([x, *contrasts], dim=1))
 
 

@@ -45,20 +45,20 @@ RECIPE: dict[str, Any] = {
 class DemoConfig:
     """The synthetic demo: what a new user sees from ``python kaggle_2gpu_train.py`` with no data set."""
 
-    backbone: str = "resnet18"
+    backbone: str = "edgenext_xx_small"
     pretrained: bool = False  # random init: the measured configuration, and nothing to download
     num_experts: int = 7
     num_train: int = 320
     num_test: int = 40
     source_size: int = 160  # side of the generated images
     img_size: int = 128  # side the model trains at
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     scheduler: str = "onecycle"
     seed: int = 0
     max_steps_per_epoch: int | None = None
-    extra: tuple[str, ...] = ()  # further train_ultimate.py flags
+    extra: tuple[str, ...] = ("--deep-supervision", "--augment", "light")  # further train_ultimate.py flags
 
 
 DEMO = DemoConfig()

@@ -131,15 +131,15 @@ def make_scene(rng: np.random.Generator, size: int, *, with_object: bool = True)
     background = _texture(rng, palette, size, sigma, contrast)
     if with_object:
         distance, kind = _shape_distance(rng, size)
-        cues = rng.permutation(3)[: 1 + int(rng.uniform() < 0.4)]
+        cues = rng.permutation(3)[: 1 + int(rng.uniform() < 0.6)]
         obj_sigma, obj_contrast, obj_palette = sigma, contrast, palette
         if 0 in cues:  # texture scale
-            obj_sigma = sigma * (rng.uniform(0.35, 0.5) if rng.uniform() < 0.5 else rng.uniform(2.0, 2.8))
+            obj_sigma = sigma * (rng.uniform(0.3, 0.45) if rng.uniform() < 0.5 else rng.uniform(2.2, 3.0))
         if 1 in cues:  # texture contrast
-            obj_contrast = contrast * (rng.uniform(0.2, 0.35) if rng.uniform() < 0.5 else rng.uniform(2.5, 3.5))
+            obj_contrast = contrast * (rng.uniform(0.15, 0.3) if rng.uniform() < 0.5 else rng.uniform(2.8, 4.0))
         if 2 in cues:  # small colour shift of the whole palette
             shift = rng.standard_normal(3)
-            obj_palette = np.clip(palette + rng.uniform(0.07, 0.11) * shift / np.linalg.norm(shift), 0.0, 1.0)
+            obj_palette = np.clip(palette + rng.uniform(0.10, 0.16) * shift / np.linalg.norm(shift), 0.0, 1.0)
         foreground = _texture(rng, obj_palette, size, obj_sigma, obj_contrast)
         alpha = np.clip(0.5 - distance / 1.5, 0.0, 1.0)[..., None]  # ~1.5 px anti-aliased edge
         image = alpha * foreground + (1.0 - alpha) * background

@@ -79,7 +79,8 @@ class Trainer:
         self.checkpoint_dir = Path(args.checkpoint_dir)
         self.train_set, self.val_set = build_train_val(args.dataset_path, img_size=args.img_size,
                                                        val_fraction=args.val_fraction, seed=args.seed,
-                                                       keep_noncam=args.keep_noncam)
+                                                       keep_noncam=args.keep_noncam,
+                                                       augment=args.augment)
         model = build_model(vars(args), pretrained=args.pretrained or args.pretrained_path is not None,
                             pretrained_path=args.pretrained_path)
         # Same initial weights on every rank (above); from here each rank draws its own augmentations.

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
@@ -44,11 +46,55 @@ class _RandomResizedCrop(v2.RandomResizedCrop):
         return super().transform(inpt, params)
 
 
+class _RandomRotation(v2.Transform):
+    """Small random rotation of the image (bilinear) and the mask (nearest) about the centre, corners filled 0.
+
+    Done through PIL on uint8: torchvision's tensor rotation converts to float and runs grid_sample,
+    about 15 times slower on one CPU core (44 ms against 3 ms at 320 px).
+    """
+
+    def __init__(self, degrees: float) -> None:
+        super().__init__()
+        self.degrees = float(degrees)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"angle": float(torch.empty(1).uniform_(-self.degrees, self.degrees))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return inpt
+        if inpt.dtype != torch.uint8 or inpt.ndim != 3:
+            fill = {tv_tensors.Image: 0, tv_tensors.Mask: 0}
+            return F.rotate(inpt, params["angle"], InterpolationMode.BILINEAR, fill=fill[type(inpt)])
+        is_mask = isinstance(inpt, tv_tensors.Mask)
+        array = inpt.permute(1, 2, 0).contiguous().numpy()
+        picture = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+        rotated = picture.rotate(params["angle"], Image.NEAREST if is_mask else Image.BILINEAR, fillcolor=0)
+        out = torch.from_numpy(np.asarray(rotated).copy())
+        out = out[None] if out.ndim == 2 else out.permute(2, 0, 1)
+        return tv_tensors.wrap(out, like=inpt)
+
+    # torchvision < 0.21 names
+    _get_params = make_params
+    _transform = transform
+
+
 def _to_float() -> list[v2.Transform]:
     return [
         v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ]
+
+
+AUGMENTATIONS: dict[str, dict[str, Any]] = {
+    # for long runs on real data: crops down to half the area, rotation, colour jitter
+    "standard": {"crop_scale": (0.5, 1.0), "rotation_p": 0.3},
+    # for short runs (the synthetic demo): zooming changes texture scale, one of the cues a model trained
+    # from scratch must learn to compare; measured on the demo, 20 epochs reached val IoU 0.64 with
+    # "standard" (see README)
+    "light": {"crop_scale": (0.8, 1.0), "rotation_p": 0.0},
+}
+"""Training augmentation strengths for ``--augment`` (``none`` only resizes)."""
 
 
 def train_transform(
@@ -65,16 +111,14 @@ def train_transform(
     No vertical flip or 90-degree turns (the upstream had them): camouflaged animals have an up, and
     gravity is part of the scene.
     """
-    return v2.Compose([
+    transforms = [
         _RandomResizedCrop(img_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True),
         v2.RandomHorizontalFlip(0.5),
-        v2.RandomApply(
-            [v2.RandomRotation(rotation, InterpolationMode.BILINEAR, fill={tv_tensors.Image: 0, tv_tensors.Mask: 0})],
-            p=rotation_p,
-        ),
+        v2.RandomApply([_RandomRotation(rotation)], p=rotation_p) if rotation_p > 0 else None,
         v2.RandomApply([v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)], p=jitter_p),
         *_to_float(),
-    ])
+    ]
+    return v2.Compose([t for t in transforms if t is not None])
 
 
 def eval_transform(img_size: int) -> v2.Transform:

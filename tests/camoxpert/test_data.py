@@ -198,7 +198,8 @@ def test_training_items(cod10k):
     assert type(mask) is torch.Tensor
 
 
-def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
+@pytest.mark.parametrize("augment", ["standard", "light"])
+def test_augmentation_keeps_image_and_mask_aligned(tmp_path, augment):
     # The image is white exactly where the mask is set: after any crop/flip/rotation/jitter the bright
     # pixels must still be the mask's pixels (up to interpolation at the edge).
     folder = tmp_path / "d" / "Train"
@@ -209,7 +210,7 @@ def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
     mask[30:56, 10:22] = 255  # an asymmetric "L": a flip or rotation that missed the mask would show
     Image.fromarray(np.repeat(mask[..., None], 3, axis=2)).save(folder / "Image" / "a.png")
     Image.fromarray(mask).save(folder / "GT_Object" / "a.png")
-    train, _ = build_train_val(tmp_path / "d", img_size=48, val_fraction=0.0, cache=False)
+    train, _ = build_train_val(tmp_path / "d", img_size=48, val_fraction=0.0, cache=False, augment=augment)
     torch.manual_seed(0)
     masks = []
     for _ in range(40):
@@ -226,6 +227,8 @@ def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
         masks.append(target)
     distinct = {tuple(m.flatten().tolist()) for m in masks}
     assert len(distinct) > 30  # the augmentation really moves things
+    with pytest.raises(ValueError, match="augment='heavy': choose one of standard, light, none"):
+        build_train_val(tmp_path / "d", img_size=48, val_fraction=0.0, cache=False, augment="heavy")
 
 
 # --- the cache ----------------------------------------------------------------------------------------------
@@ -241,8 +244,8 @@ def test_cached_and_uncached_items_are_identical(tmp_path, cod10k):
             assert torch.equal(a[i][0], b[i][0])
             assert torch.equal(a[i][0], c[i][0])
             assert a.original_size(i) == b.original_size(i) == (32, 32)
-    ta, _ = build_train_val(cod10k, img_size=24, augment=False, cache=False)
-    tb, _ = build_train_val(cod10k, img_size=24, augment=False, cache_dir=tmp_path)
+    ta, _ = build_train_val(cod10k, img_size=24, augment="none", cache=False)
+    tb, _ = build_train_val(cod10k, img_size=24, augment="none", cache_dir=tmp_path)
     assert all(torch.equal(ta[i][0], tb[i][0]) and torch.equal(ta[i][1], tb[i][1]) for i in range(len(ta)))
 
 

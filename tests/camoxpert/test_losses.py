@@ -42,6 +42,13 @@ def test_structure_loss_matches_hand_computation():
     assert structure_loss(logits, mask).item() == pytest.approx(expected_bce + expected_iou, rel=1e-6)
 
 
+def test_separable_boundary_weight_equals_the_direct_31x31_pool():
+    generator = torch.Generator().manual_seed(0)
+    mask = (torch.rand(3, 1, 40, 56, generator=generator) > 0.7).float()
+    direct = 1.0 + 5.0 * (torch.nn.functional.avg_pool2d(mask, 31, stride=1, padding=15) - mask).abs()
+    torch.testing.assert_close(boundary_weight(mask), direct)
+
+
 def test_perfect_prediction_scores_lower_than_wrong_or_uncertain_ones():
     mask = torch.zeros(2, 1, 16, 16)
     mask[:, :, 4:12, 4:12] = 1

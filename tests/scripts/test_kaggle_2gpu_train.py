@@ -100,7 +100,8 @@ def test_no_dataset_runs_the_demo(tmp_path, capsys):
     flags = flags_of(out)
     assert flags["--dataset-path"] == str(tmp_path / "work" / "data" / "synthetic-cod")
     assert flags["--checkpoint-dir"] == str(tmp_path / "work" / "checkpoints" / "demo")
-    assert flags["--backbone"] == "resnet18"
+    assert flags["--backbone"] == presets.DEMO.backbone == "edgenext_xx_small"
+    assert flags["--augment"] == "light"
 
 
 def test_environment_and_flags_override(tmp_path, capsys):
