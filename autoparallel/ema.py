@@ -92,16 +92,18 @@ class EMA:
     def update(self) -> None:
         """Move the average one step towards the model; call once per optimizer step, on every rank."""
         source = self._tensors(self._source)
-        if self.device is None and source and self._tensors(self.module)[0].device != source[0].device:
-            self.module.to(source[0].device)  # the model was moved after the EMA was made: follow it
         average = self._tensors(self.module)
+        if self.device is None and source and average and average[0].device != source[0].device:
+            self.module.to(source[0].device)  # the model was moved after the EMA was made: follow it
+            average = self._tensors(self.module)
         if len(average) != len(source):
             raise RuntimeError(f"the model now has {len(source)} parameters and buffers, its EMA {len(average)}: "
                                "create the EMA after the model's structure is final")
         weight = 1.0 - self.current_decay()
         float_average, float_source = [], []
         for mine, theirs in zip(average, source):
-            theirs = theirs.detach().to(device=mine.device, dtype=mine.dtype)
+            if theirs.device != mine.device or theirs.dtype != mine.dtype:  # .to() is a no-op then, but not free
+                theirs = theirs.to(device=mine.device, dtype=mine.dtype)
             if mine.is_floating_point():
                 float_average.append(mine)
                 float_source.append(theirs)
