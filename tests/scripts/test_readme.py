@@ -5,6 +5,7 @@ check here before it can land.
 """
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import subprocess
@@ -22,24 +23,59 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_commands(text: str) -> list[list[str]]:
-    """Shell commands of the ```bash blocks, continuation lines joined and comments dropped."""
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
-        for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True)
-            if words:
-                commands.append(words)
+    """Shell commands of the code blocks (```bash or plain ```), continuation lines joined and comments
+    dropped, and of inline code that starts a command (`python ...`, `VAR=1 python ...`)."""
+    commands, prose, block, language = [], [], None, ""
+    for line in text.splitlines():
+        fence = re.match(r"```(\w*)", line)
+        if fence and block is None:
+            block, language = [], fence.group(1)
+        elif fence:
+            if language in ("", "bash"):
+                for command in "\n".join(block).replace("\\\n", " ").splitlines():
+                    words = shlex.split(command, comments=True)
+                    if words:
+                        commands.append(words)
+            block = None
+        elif block is not None:
+            block.append(line)
+        else:
+            prose.append(line)
+    for inline in re.findall(r"`((?:[A-Z_]+=\S+ )*(?:python|torchrun) [^`]+)`", "\n".join(prose)):
+        commands.append(shlex.split(inline))
     return commands
 
 
-COMMANDS = readme_commands((ROOT / "README.md").read_text())
+DOCS = ("README.md", "docs/benchmarks.md")
+COMMANDS = [words for doc in DOCS for words in readme_commands((ROOT / doc).read_text())
+            if words[0] != "Distributed"]  # the README's banner sample is output, not a command
 
 
 def _make_targets() -> set[str]:
     return set(re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), flags=re.MULTILINE))
 
 
+@functools.cache
+def bench_help(script: str) -> str:
+    path = ROOT / script
+    assert path.is_file(), f"{script} does not exist"
+    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def check_bench_command(script: str, args: list[str]) -> None:
+    """The benchmark exists, and every flag the docs give it is one its --help lists (running it is a
+    benchmark's job, not a test's)."""
+    usage = bench_help(script)
+    for flag in (arg.split("=")[0] for arg in args if arg.startswith("--")):
+        assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", usage), f"{script} --help has no {flag}"
+
+
 def check_command(words: list[str], tmp_path: Path) -> None:
+    while re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # environment assignments before the command
+        words = words[1:]
     if words[0] == "make":
         assert words[1] in _make_targets(), f"make target {words[1]!r} is not in the Makefile"
         return
@@ -60,7 +96,9 @@ def check_command(words: list[str], tmp_path: Path) -> None:
         assert len(list((tmp_path / "synthetic" / "Train" / "Image").iterdir())) == 4
         return
     script, args = words[1], words[2:]
-    if script == "train_ultimate.py":
+    if script.startswith("bench/"):
+        check_bench_command(script, args)
+    elif script == "train_ultimate.py":
         get_args_parser().parse_args(args)
     elif script == "kaggle_2gpu_train.py":
         kaggle_parser().parse_args(args)
