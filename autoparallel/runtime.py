@@ -12,6 +12,7 @@ Sources, first match wins: explicit arguments, ``AUTOPARALLEL_STRATEGY`` / ``AUT
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import re
@@ -430,6 +431,10 @@ def _destroy_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # DDP reducers left in reference cycles hold the group and its threads; destroying the group
+        # first and leaving them to the interpreter's final teardown sometimes aborted the process
+        # ("terminate called without an active exception", about 1 run in 6 of a DDP job that rebuilt DDP)
+        gc.collect()
         dist.destroy_process_group()
 
 
