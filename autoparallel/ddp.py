@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .wrap import unwrap
+from .wrap import DropInWrapper
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -50,7 +50,7 @@ __all__ = ["DistributedModel", "wrap_ddp"]
 logger = logging.getLogger(__name__)
 
 
-class DistributedModel(nn.Module):
+class DistributedModel(DropInWrapper, nn.Module):
     """Our DDP wrapper: see the module docstring for what it adds to ``DistributedDataParallel``.
 
     Args:
@@ -69,6 +69,7 @@ class DistributedModel(nn.Module):
         self.__dict__.update(
             _device_ids=device_ids, _ddp=None, _flags=(), _grad_sync=True, _buffers_stale=False,
             _params=list(module.parameters()), _has_buffers=any(True for _ in module.buffers()),
+            _forwarding_ready=True,  # from here on, unknown attribute sets go to the inner model
         )
         self._rebuild()
 
@@ -143,55 +144,6 @@ class DistributedModel(nn.Module):
             self._sync_buffers()
             self.__dict__["_buffers_stale"] = False
         return self
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return unwrap(self).state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        return unwrap(self).load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def named_parameters(
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, nn.Parameter]]:
-        return unwrap(self).named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
-
-    def named_buffers(
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        return unwrap(self).named_buffers(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
-
-    # Attribute forwarding follows autoparallel.wrap.DataParallel: reads fall through to the inner
-    # model; writes of names the wrapper does not own go to it, except new private names.
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if name == "module" or "module" not in modules:
-                raise
-            return getattr(modules["module"], name)
-
-    def _forwards(self, name: str) -> bool:
-        if "module" not in self.__dict__.get("_modules", {}):
-            return False
-        owned = (name in self.__dict__ or name in self._parameters or name in self._buffers
-                 or name in self._modules or hasattr(type(self), name))
-        return not owned and (not name.startswith("_") or hasattr(unwrap(self), name))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self._forwards(name):
-            setattr(unwrap(self), name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        if self._forwards(name):
-            delattr(unwrap(self), name)
-        else:
-            super().__delattr__(name)
-
-    def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(dir(unwrap(self))))
 
 
 def wrap_ddp(model: nn.Module, runtime: Runtime, sync_bn: bool = False) -> nn.Module:

@@ -240,28 +240,15 @@ class _AutocastReplica:
             return self.module(*args, **kwargs)
 
 
-class DataParallel(nn.DataParallel):
-    """nn.DataParallel that stays a drop-in for the model it wraps.
+class DropInWrapper:
+    """What makes our wrappers drop-ins for the model they hold in ``self.module`` (a mixin placed before
+    ``nn.Module`` in the bases): reads, writes and deletes of attributes the wrapper does not own reach the
+    inner model, and state dicts and named parameters or buffers carry no ``module.`` prefix.
 
-    - attribute get and set reach the inner model (``model.backbone``, ``model.num_experts = 5``);
-    - ``state_dict()``, ``load_state_dict()``, ``named_parameters()`` and ``named_buffers()`` use the
-      inner model's names, without ``module.`` (nor ``_orig_mod.`` for a compiled model);
-    - 0-dim tensors in the output stay 0-dim (see :func:`gather_scalars`), at any depth;
-    - replicas run under the caller's autocast dtype (bf16 stays bf16, see :class:`_AutocastReplica`);
-    - a warning, once per batch size, when the batch leaves GPUs idle or splits unevenly.
-
-    Setting an attribute that the wrapper itself does not have goes to the inner model, except new
-    names starting with ``_``, which torch internals use for wrapper bookkeeping.
+    A wrapper sets ``_forwarding_ready`` in its ``__dict__`` once its own attributes exist (``nn.DataParallel``
+    sets public ones such as ``device_ids`` after ``module``); until then every attribute is its own. Private
+    names the inner model does not have stay on the wrapper.
     """
-
-    _autoparallel_wrapper = True
-
-    def __init__(self, module: nn.Module, device_ids: Sequence[int] | None = None, output_device: int | None = None,
-                 dim: int = 0) -> None:
-        super().__init__(module, device_ids, output_device, dim)
-        self._split_sizes: list[int] | None = None
-        self._warned_splits: set[tuple[int, int]] = set()
-        self._forwarding_ready = True  # from here on, unknown attribute sets go to the inner model
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -272,19 +259,12 @@ class DataParallel(nn.DataParallel):
                 raise
             return getattr(modules["module"], name)
 
-    def _owns(self, name: str) -> bool:
-        return (
-            name in self.__dict__
-            or name in self._parameters
-            or name in self._buffers
-            or name in self._modules
-            or hasattr(type(self), name)
-        )
-
     def _forwards(self, name: str) -> bool:
-        if not self.__dict__.get("_forwarding_ready") or self._owns(name):
+        if not self.__dict__.get("_forwarding_ready"):
             return False
-        return not name.startswith("_") or hasattr(unwrap(self), name)
+        owned = (name in self.__dict__ or name in self._parameters or name in self._buffers
+                 or name in self._modules or hasattr(type(self), name))
+        return not owned and (not name.startswith("_") or hasattr(unwrap(self), name))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if self._forwards(name):
@@ -316,6 +296,30 @@ class DataParallel(nn.DataParallel):
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, torch.Tensor]]:
         return unwrap(self).named_buffers(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+
+class DataParallel(DropInWrapper, nn.DataParallel):
+    """nn.DataParallel that stays a drop-in for the model it wraps.
+
+    - attribute get and set reach the inner model (``model.backbone``, ``model.num_experts = 5``);
+    - ``state_dict()``, ``load_state_dict()``, ``named_parameters()`` and ``named_buffers()`` use the
+      inner model's names, without ``module.`` (nor ``_orig_mod.`` for a compiled model);
+    - 0-dim tensors in the output stay 0-dim (see :func:`gather_scalars`), at any depth;
+    - replicas run under the caller's autocast dtype (bf16 stays bf16, see :class:`_AutocastReplica`);
+    - a warning, once per batch size, when the batch leaves GPUs idle or splits unevenly.
+
+    Setting an attribute that the wrapper itself does not have goes to the inner model, except new
+    names starting with ``_``, which torch internals use for wrapper bookkeeping.
+    """
+
+    _autoparallel_wrapper = True
+
+    def __init__(self, module: nn.Module, device_ids: Sequence[int] | None = None, output_device: int | None = None,
+                 dim: int = 0) -> None:
+        super().__init__(module, device_ids, output_device, dim)
+        self._split_sizes: list[int] | None = None
+        self._warned_splits: set[tuple[int, int]] = set()
+        self._forwarding_ready = True  # from here on, unknown attribute sets go to the inner model
 
     def scatter(self, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, device_ids: Sequence[Any]) -> Any:
         scattered_inputs, scattered_kwargs = super().scatter(inputs, kwargs, device_ids)
