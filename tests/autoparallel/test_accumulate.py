@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from autoparallel.accumulate import GradientAccumulator, effective_batch_size, scale_lr
@@ -106,16 +105,6 @@ def test_non_finite_gradients_without_a_scaler_skip_the_step_when_clipping() -> 
     assert accumulator.last_step_skipped is True
     for ours, original in zip(model.parameters(), before):
         assert torch.equal(ours, original)
-
-
-@pytest.fixture
-def single_process_group():
-    """A 1-process gloo group, enough to build DDP in this process."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.usefixtures("single_process_group")
