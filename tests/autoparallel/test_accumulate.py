@@ -38,7 +38,9 @@ def test_four_micro_batches_equal_one_batch_of_four_times_the_size() -> None:
 
     assert stepped == [False, False, False, True]
     for ours, theirs in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+        # Float tolerance (assert_close's default): 4 micro-batches of 2 sum the gradient in another order
+        # than one batch of 8, and below one ulp at 1.0 (1.2e-7) no bound holds on every CPU.
+        torch.testing.assert_close(ours, theirs)
         assert ours.grad is None  # zero_grad(set_to_none=True) after the step
 
 

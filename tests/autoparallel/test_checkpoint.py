@@ -487,16 +487,56 @@ def test_save_removes_temporaries_left_by_a_killed_save(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
-def _save_forever(path: Path, first_version: int) -> None:
+def _save_versions(path: Path, first_version: int, pipe: int, pause_after_bytes: int | None) -> None:
+    """Child process: saves versions first_version, first_version + 1, ... reporting each one on ``pipe``.
+
+    With ``pause_after_bytes`` it stops inside the next save, once that many bytes are out, says so on the
+    pipe and waits to be killed: a kill in the middle of a write that does not depend on timing.
+    """
     torch.set_num_threads(1)
     model = nn.Linear(700, 700)  # about 2 MB
+    if pause_after_bytes is not None:
+        real_save = torch.save
+
+        def pausing_save(obj, handle, *args, **kwargs):
+            class Pausing:  # the handle, with writes counted
+                written = 0
+
+                def write(self, data):
+                    result = handle.write(data)
+                    Pausing.written += len(data)
+                    if Pausing.written >= pause_after_bytes:
+                        handle.flush()
+                        os.write(pipe, b"m")
+                        time.sleep(600)
+                    return result
+
+                def __getattr__(self, name):
+                    return getattr(handle, name)
+
+            return real_save(obj, Pausing(), *args, **kwargs)
+
+        torch.save = pausing_save
     version = first_version
     while True:
         with torch.no_grad():
             model.weight.fill_(version)
             model.bias.fill_(version)
         save_checkpoint(path, model=model, step=version)
+        os.write(pipe, b"s")
         version += 1
+
+
+def _wait_for(read_end: int, wanted: bytes) -> None:
+    import select
+
+    # Bounds a hang only: a child that never reports within 60 s is broken, not slow.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+        if ready and wanted in os.read(read_end, 64):
+            return
+    raise AssertionError(f"the saving child never reported {wanted!r}")
 
 
 def test_sigkill_during_save_always_leaves_a_complete_checkpoint(tmp_path):
@@ -507,24 +547,31 @@ def test_sigkill_during_save_always_leaves_a_complete_checkpoint(tmp_path):
         model.bias.fill_(0)
     save_checkpoint(path, model=model, step=0)
     context = multiprocessing.get_context("fork")  # starts at once: the child inherits the imported torch
-    delays = random.Random(3).sample(range(20, 300, 7), 10)
-    version, interrupted_writes = 0, 0
-    for delay_ms in delays:
-        child = context.Process(target=_save_forever, args=(path, version + 1), daemon=True)
+    # Half the kills land in the middle of writing a file (the child pauses there); the others at random
+    # moments after at least one more save completed, wherever the child then is.
+    plans = [(1_000_000, 0.0) if k % 2 == 0 else (None, random.Random(k).uniform(0.0, 0.05)) for k in range(10)]
+    version = 0
+    for pause_after_bytes, delay_s in plans:
+        read_end, write_end = os.pipe()
+        child = context.Process(target=_save_versions, args=(path, version + 1, write_end, pause_after_bytes),
+                                daemon=True)
         child.start()
-        time.sleep(delay_ms / 1000)
+        _wait_for(read_end, b"m" if pause_after_bytes else b"s")
+        time.sleep(delay_s)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
+        os.close(read_end)
+        os.close(write_end)
         assert child.exitcode == -signal.SIGKILL
-        interrupted_writes += any(tmp_path.glob(".c.pt.*.tmp"))  # killed in the middle of writing
+        if pause_after_bytes:
+            assert list(tmp_path.glob(".c.pt.*.tmp")), "the kill should have left a half-written temporary file"
         loaded = nn.Linear(700, 700)
         info = load_checkpoint(path, model=loaded)
-        assert info["step"] >= version
+        assert info["step"] >= version + (0 if pause_after_bytes else 1)
         version = info["step"]
         assert bool((loaded.weight == version).all())
         assert bool((loaded.bias == version).all())
-    assert version > 0  # the children did overwrite the file
-    assert interrupted_writes > 0  # and some kills did land inside a save
+    assert version >= 5  # the children did overwrite the file
 
 
 # ------------------------------------------------------------------------------------- exact resume

@@ -105,6 +105,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         loss = out["mask"].sigmoid().mean() + out["aux_loss"] + sum(s.mean() for s in out["side"])
         loss.backward()
         losses.append(loss.detach())
+    # Recomputed activations are the same kernels on the same shapes, but the backward accumulates the
+    # gradients in another order: float tolerance.
     torch.testing.assert_close(losses[0], losses[1])
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
         assert (p.grad is None) == (q.grad is None), name

@@ -152,5 +152,7 @@ def test_a_rank_stuck_outside_a_collective_times_out() -> None:
     status, output = run_job([sys.executable, str(SCRIPT)], env)  # fails the test if it hangs
 
     assert status != 0
-    assert "Timed out" in output, output[-4000:]
+    # gloo's "Timed out" in the all-reduce; or, when rank 1 started more than 5 s after rank 0 (a loaded
+    # machine), the rendezvous's "wait timeout": either way rank 0 gave up instead of hanging.
+    assert re.search(r"Timed out|wait timeout", output), output[-4000:]
     assert results(output) == []
