@@ -8,19 +8,18 @@ Everything a script needs is exported here; the submodules are implementation de
 from __future__ import annotations
 
 from .accumulate import GradientAccumulator, effective_batch_size, scale_lr
-from .checkpoint import (
+from .checkpoint import CheckpointKeeper, load_checkpoint, save_checkpoint
+from .data import loader
+from .distributed import all_gather, all_reduce, barrier, broadcast_object
+from .ema import EMA
+from .errors import (
     CheckpointError,
-    CheckpointKeeper,
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     UntrustedCheckpointError,
-    load_checkpoint,
-    save_checkpoint,
+    UsageError,
 )
-from .data import loader
-from .distributed import all_gather, all_reduce, barrier, broadcast_object
-from .ema import EMA
 from .launch import launch, requested_processes
 from .output import banner, print, print_banner, progress
 from .precision import autocast, grad_scaler
@@ -40,6 +39,7 @@ __all__ = [
     "Hardware",
     "Runtime",
     "UntrustedCheckpointError",
+    "UsageError",
     "all_gather",
     "all_reduce",
     "autocast",

@@ -51,6 +51,12 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _atomic, _state
+from .errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UntrustedCheckpointError,
+)
 from .wrap import unwrap
 
 logger = logging.getLogger("autoparallel")
@@ -60,26 +66,6 @@ FORMAT_VERSION = 1
 PathLike = Union[str, "os.PathLike[str]"]
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
-
-
-class CheckpointError(RuntimeError):
-    """Base class of the errors raised when a checkpoint cannot be loaded."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint path does not exist (also a ``FileNotFoundError``)."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """The file exists but is truncated or is not a checkpoint."""
-
-
-class UntrustedCheckpointError(CheckpointError):
-    """The file needs pickled code to load and the caller has not said it trusts the file."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint was written for another architecture (missing, unexpected or reshaped keys)."""
 
 
 def _prepare_module(

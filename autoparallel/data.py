@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
+from .errors import UsageError
+
 if TYPE_CHECKING:
     from .runtime import Runtime
 
@@ -121,7 +123,7 @@ def per_process_batch_size(batch_size: int, world_size: int) -> int:
         lower = batch_size // world_size * world_size
         options = [value for value in (lower, lower + world_size) if value > 0]
         suggestion = " or ".join(f"batch_size={v} ({v // world_size} per process)" for v in options)
-        raise ValueError(f"batch_size={batch_size} is the global batch of one micro-step and must divide by the "
+        raise UsageError(f"batch_size={batch_size} is the global batch of one micro-step and must divide by the "
                          f"number of DDP processes, world_size={world_size}: use {suggestion}")
     return batch_size // world_size
 
@@ -187,7 +189,7 @@ def loader(dataset: Dataset, batch_size: int, *, train: bool = True, num_workers
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=drop_last)
         if drop_last and len(sampler) < process_batch:
-            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one global batch "
+            raise UsageError(f"the dataset has {len(dataset)} samples, fewer than one global batch "
                              f"(batch_size={batch_size}), so with drop_last=True an epoch has no batch: "
                              f"lower batch_size or pass drop_last=False")
     else:

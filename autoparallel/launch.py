@@ -34,6 +34,8 @@ import sys
 import types
 from collections.abc import Mapping, Sequence
 
+from .errors import UsageError
+
 __all__ = ["launch", "launch_command", "requested_processes"]
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def requested_processes(nproc: int | None, env: Mapping[str, str], gpu_count: in
     text = env.get("AUTOPARALLEL_NPROC", "").strip()
     if text:
         if not text.isdigit() or int(text) < 1:
-            raise ValueError(f"AUTOPARALLEL_NPROC={text!r} is not a positive number of processes, e.g. 2")
+            raise UsageError(f"AUTOPARALLEL_NPROC={text!r} is not a positive number of processes, e.g. 2")
         return int(text) if int(text) > 1 else None
     strategy = env.get("AUTOPARALLEL_STRATEGY", "").strip().lower()
     if strategy == "ddp":

@@ -22,6 +22,8 @@ from datetime import timedelta
 
 import torch
 
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "cpu", "single", "dp", "ddp")
@@ -151,7 +153,7 @@ def _int_var(env: Mapping[str, str], name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer: unset it or fix it") from None
+        raise UsageError(f"environment variable {name}={value!r} is not an integer: unset it or fix it") from None
 
 
 def _leading_int(value: str | None) -> int | None:
@@ -181,7 +183,7 @@ def _detect_launch(env: Mapping[str, str]) -> _Launch | None:
     if present:
         if len(present) < len(_TORCHRUN_VARS):
             missing = [name for name in _TORCHRUN_VARS if name not in present]
-            raise ValueError(
+            raise UsageError(
                 f"Partially set environment: {', '.join(f'{n}={env[n]}' for n in present)} but "
                 f"{', '.join(missing)} missing. Start the script with torchrun (or autoparallel.launch()), "
                 f"or unset {', '.join(present)}"
@@ -212,7 +214,7 @@ def _detect_launch(env: Mapping[str, str]) -> _Launch | None:
         rank, local_rank, node_rank = (_int_var(env, n) or 0 for n in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"))
         local_world_size = _leading_int(env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"))
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise ValueError(f"{launcher} environment is inconsistent: rank {rank}, local rank {local_rank}, "
+        raise UsageError(f"{launcher} environment is inconsistent: rank {rank}, local rank {local_rank}, "
                          f"world size {world_size}; expected 0 <= rank < world size")
     return _Launch(launcher, rank, local_rank, world_size, node_rank, local_world_size)
 
@@ -229,7 +231,7 @@ def _parse_choice(value: object, source: str, choices: tuple[str, ...]) -> str:
         return "auto"
     text = str(value).strip().lower()
     if text not in choices:
-        raise ValueError(f"{source}={value!r} is not valid: choose one of {', '.join(choices)}")
+        raise UsageError(f"{source}={value!r} is not valid: choose one of {', '.join(choices)}")
     return text
 
 
@@ -243,7 +245,7 @@ def parse_devices(value: object, source: str = "devices") -> tuple[int, ...] | N
     except (TypeError, ValueError):
         indices = ()
     if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
-        raise ValueError(f"{source}={value!r} is not a list of distinct GPU indices: use comma-separated integers "
+        raise UsageError(f"{source}={value!r} is not a list of distinct GPU indices: use comma-separated integers "
                          f"such as '0,1' (or 'auto' for all visible GPUs)")
     return indices
 
@@ -301,7 +303,7 @@ def detect_runtime(
 
     Pure apart from logging: it reads nothing global, so tests pass any ``env`` and ``hardware``.
     Asking for what is not there logs a warning saying what was found and what happens instead;
-    invalid values raise ValueError naming the argument or variable, the value and the choices.
+    invalid values raise UsageError naming the argument or variable, the value and the choices.
     """
     strategy_value, strategy_source = _pick(strategy, "strategy", env, "AUTOPARALLEL_STRATEGY")
     chosen_strategy = _parse_choice(strategy_value, strategy_source, STRATEGIES)
@@ -369,7 +371,7 @@ def _ddp_runtime(
                        launch.launcher, launch.local_world_size, len(gpus), len(gpus))
         gpus = ()
     if gpus and not per_task_gpu and launch.local_rank >= len(gpus):
-        raise RuntimeError(f"LOCAL_RANK={launch.local_rank} but only {len(gpus)} GPU(s) are visible on this node: "
+        raise UsageError(f"LOCAL_RANK={launch.local_rank} but only {len(gpus)} GPU(s) are visible on this node: "
                            f"start one process per GPU (torchrun --nproc_per_node={len(gpus)})")
     if gpus:
         index = gpus[0] if per_task_gpu else gpus[launch.local_rank]
@@ -397,7 +399,7 @@ def distributed_env_defaults(runtime: Runtime, env: Mapping[str, str]) -> dict[s
     master_addr = _slurm_master_addr(env) if runtime.launcher == "slurm" else env.get("MASTER_ADDR")
     if not master_addr:
         if runtime.world_size > 1:
-            raise RuntimeError(f"{runtime.launcher} started {runtime.world_size} processes but MASTER_ADDR is not "
+            raise UsageError(f"{runtime.launcher} started {runtime.world_size} processes but MASTER_ADDR is not "
                                "set: export MASTER_ADDR (rank 0's host name) and MASTER_PORT, or use torchrun")
         master_addr = "127.0.0.1"
     job_id = _int_var(env, "SLURM_JOB_ID")
@@ -423,7 +425,7 @@ def process_group_timeout(env: Mapping[str, str]) -> timedelta:
     except ValueError:
         seconds = -1.0
     if seconds <= 0:
-        raise ValueError(f"AUTOPARALLEL_TIMEOUT={value!r} is not a positive number of seconds, e.g. 1800")
+        raise UsageError(f"AUTOPARALLEL_TIMEOUT={value!r} is not a positive number of seconds, e.g. 1800")
     return timedelta(seconds=seconds)
 
 
