@@ -7,10 +7,11 @@ Everything a script needs is exported here; the submodules are implementation de
 """
 from __future__ import annotations
 
-from .accumulate import GradientAccumulator, effective_batch_size, scale_lr
+from .accumulate import GradientAccumulator
 from .checkpoint import CheckpointKeeper, load_checkpoint, save_checkpoint
+from .collectives import all_gather, all_reduce, barrier, broadcast_object
 from .data import loader
-from .distributed import all_gather, all_reduce, barrier, broadcast_object
+from .detect import Hardware, Runtime, detect_runtime
 from .ema import EMA
 from .errors import (
     CheckpointError,
@@ -23,10 +24,18 @@ from .errors import (
 from .launch import launch, requested_processes
 from .output import banner, print, print_banner, progress
 from .precision import autocast, grad_scaler
-from .runtime import Hardware, Runtime, detect_runtime, is_main_process, probe_hardware, runtime
+from .runtime import is_main_process, runtime
 from .wrap import unwrap, wrap
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+probe_hardware = Hardware.probe
+
+
+def effective_batch_size(global_batch: int, accumulation_steps: int) -> int:
+    """Samples behind one optimizer step: the global micro-batch times the accumulation steps."""
+    return global_batch * accumulation_steps
+
 
 __all__ = [
     "EMA",
@@ -60,7 +69,6 @@ __all__ = [
     "requested_processes",
     "runtime",
     "save_checkpoint",
-    "scale_lr",
     "unwrap",
     "wrap",
 ]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from .detect import Runtime
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_NO_GPU = 0, 1, 2
@@ -99,10 +99,10 @@ def _local_runtime() -> Runtime:
     Only the user's device and precision choices are honoured: a launcher's or a DDP request's variables
     describe other processes, not this diagnostic one.
     """
-    from .runtime import detect_runtime, probe_hardware
+    from .detect import Hardware, detect_runtime
 
     env = {key: os.environ[key] for key in ("AUTOPARALLEL_DEVICES", "AUTOPARALLEL_PRECISION") if key in os.environ}
-    return detect_runtime(env=env, hardware=probe_hardware())
+    return detect_runtime(env=env, hardware=Hardware.probe())
 
 
 def _runtime_banner() -> str:
@@ -242,7 +242,7 @@ def _max_relative_diff(grads: dict, reference: dict) -> float:
 
 
 def check_dataparallel(options: Options) -> tuple[str, str]:
-    from .runtime import Runtime
+    from .detect import Runtime
     from .wrap import wrap
 
     count = _num_gpus()
@@ -333,7 +333,7 @@ def check_ddp(options: Options) -> tuple[str, str]:
 
 def _ddp_worker() -> int:
     """Runs in each process started by check_ddp: all-reduce and an uneven all-gather."""
-    from .distributed import all_gather, all_reduce, barrier
+    from .collectives import all_gather, all_reduce, barrier
     from .runtime import runtime
 
     rt = runtime(strategy="ddp")

@@ -1,108 +1,117 @@
-"""Data loading whose ``batch_size`` means the same thing in every mode.
+"""``loader()``: a DataLoader whose ``batch_size`` means the global batch of one micro-step in every mode.
 
-``loader(dataset, batch_size)`` returns a ``DataLoader`` (subclass) where ``batch_size`` is the
-**global** batch of one micro-step: one process (CPU, one GPU, DataParallel, which splits the batch
-over its GPUs) loads ``batch_size`` samples per step; each of N DDP processes loads
-``batch_size // N``. The number of optimizer steps per epoch and the samples in each step therefore do
-not depend on how the job was started.
+One process (CPU, one GPU, DataParallel) loads ``batch_size`` samples per step; each of N DDP processes
+loads ``batch_size // N``, so the steps per epoch and the samples of each step do not depend on how the
+job was started: rank ``r`` takes positions ``r, r + N, ...`` of the epoch's order, which is
+``DistributedSampler``'s (``randperm`` seeded with ``seed + epoch``), or the order of the sampler you pass.
 
-Training order. Every mode uses torch's ``DistributedSampler`` (with ``num_replicas=1`` outside
-DDP, where it is a ``RandomSampler`` seeded with ``seed + epoch``). Its permutation is the same in all
-modes and rank ``r`` takes positions ``r, r + N, ...``, so the union of the N per-rank batches of step
-``j`` is exactly the single-process batch ``j``: mode equivalence holds by construction. Each
-``iter(loader)`` uses the next epoch (0, 1, 2, ...), so the order changes every epoch without the
-caller remembering ``set_epoch``. To resume exactly at epoch ``k``, call ``loader.set_epoch(k)``
-before iterating: epoch ``k``'s order depends only on ``(seed, k)``.
+Epochs: an iteration that runs to its end moves the loader to the next epoch; one abandoned early (a
+``next(iter(loader))`` to look at a batch) does not. ``loader.set_epoch(k)`` or the usual
+``loader.sampler.set_epoch(k)`` picks the epoch of the next iteration, giving exactly epoch ``k``'s order.
+``state_dict()`` / ``load_state_dict()`` hold the epoch and the batches already taken, so a run resumed
+mid-epoch continues with the next batch. Augmentation is exact after a resume with ``num_workers=0``;
+with workers the sample order is exact and the workers' random streams restart from ``(seed, epoch, rank)``.
 
-Worker randomness. The loader's generator is re-seeded from ``(seed, epoch, rank)`` at every
-``iter()``; torch derives each worker's ``random``, ``numpy`` and ``torch`` seeds from it. Ranks thus
-augment differently and reproducibly. With persistent workers (the default when ``num_workers > 0``)
-workers keep their random streams across epochs, so for bit-exact augmentation after a resume pass
-``persistent_workers=False``; the sample order is exact either way.
-
-Evaluation (``train=False``). torch's ``DistributedSampler`` pads the last shard with duplicates, which
-counts some images twice. :class:`EvalSampler` gives rank ``r`` a **contiguous** slice of the dataset,
-the first ``len % N`` ranks one sample more, with no padding: every sample is seen exactly once, and
-``autoparallel.all_gather`` of per-rank results (in rank order) is in dataset order. Contiguous rather
-than strided shards are chosen for that last property.
+Evaluation (``train=False``): each rank takes a contiguous slice of the data set, nothing padded or
+repeated, and every rank yields the same number of batches. Gathering after the loop gives dataset order;
+gathering batch by batch (Accelerate's ``gather_for_metrics`` idiom) never waits for a rank that ran out.
+A rank with no sample at all (fewer samples than ranks) yields empty batches (zero rows).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sized
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from . import group
+from .collectives import broadcast_object
 from .errors import UsageError
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from .detect import Runtime
 
-__all__ = ["EvalSampler", "Loader", "default_num_workers", "loader", "per_process_batch_size"]
+__all__ = ["Loader", "default_num_workers", "loader"]
 
 _MAX_DEFAULT_WORKERS = 8
 
 
-class EvalSampler(Sampler[int]):
-    """Contiguous, unpadded shard of ``range(len(dataset))`` for rank ``rank`` of ``num_replicas``.
+class ShardedSampler(Sampler[int]):
+    """This rank's share of each epoch's order: ``randperm(seed + epoch)``, in order, or a user sampler's."""
 
-    Sizes differ by at most one between ranks and some ranks may get nothing when the dataset is
-    smaller than the number of ranks. Takes ``num_replicas`` and ``rank`` explicitly so it can be
-    built and tested without a process group.
-    """
-
-    def __init__(self, data_source: Sized, num_replicas: int = 1, rank: int = 0) -> None:
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"EvalSampler needs 0 <= rank < num_replicas, got rank={rank}, "
-                             f"num_replicas={num_replicas}")
-        base, extra = divmod(len(data_source), num_replicas)
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.start = rank * base + min(rank, extra)
-        self.stop = self.start + base + (1 if rank < extra else 0)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
+    def __init__(self, size: int, num_replicas: int, rank: int, *, shuffle: bool, seed: int, drop_last: bool,
+                 order: Sampler | None = None) -> None:
+        self.size, self.num_replicas, self.rank = size, num_replicas, rank
+        self.shuffle, self.seed, self.drop_last, self.order = shuffle, seed, drop_last, order
+        self.epoch, self.start = 0, 0
+        total = len(order) if order is not None else size
+        self.num_samples = total // num_replicas if drop_last else -(-total // num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
-        """Accepted for symmetry with the training sampler; evaluation order never changes."""
-
-
-class Loader(DataLoader):
-    """A ``DataLoader`` that advances its sampler's epoch on every ``iter()``.
-
-    ``batch_size`` is the per-process batch (what one ``next()`` returns), ``global_batch_size`` the
-    batch of one micro-step over all processes, and ``epoch`` the epoch of the latest ``iter()``.
-    Build it with :func:`loader`.
-    """
-
-    def __init__(self, dataset: Dataset, *, global_batch_size: int, seed: int, rank: int, **kwargs: Any) -> None:
-        self.global_batch_size = global_batch_size
-        self.seed = seed
-        self.rank = rank
-        self.epoch: int | None = None
-        self._next_epoch = 0
-        super().__init__(dataset, generator=torch.Generator(), **kwargs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Makes the next ``iter()`` produce epoch ``epoch`` (for resuming); later ones follow on."""
         if epoch < 0:
             raise ValueError(f"set_epoch needs an epoch >= 0, got {epoch}")
-        self._next_epoch = epoch
+        self.epoch = int(epoch)
+        if self.order is not None and hasattr(self.order, "set_epoch"):
+            self.order.set_epoch(epoch)
 
-    def __iter__(self) -> Any:
-        epoch = self._next_epoch
-        self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(_worker_base_seed(self.seed, epoch, self.rank))
-        self._next_epoch = epoch + 1
-        self.epoch = epoch
-        return super().__iter__()
+    def _epoch_order(self) -> list[int]:
+        if self.order is None:
+            if not self.shuffle:
+                return list(range(self.size))
+            return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        if hasattr(self.order, "generator"):  # RandomSampler, WeightedRandomSampler...: the same draw on every rank
+            self.order.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return list(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self._epoch_order()
+        total = self.num_samples * self.num_replicas
+        indices = indices[:total] if self.drop_last else (indices * (-(-total // max(1, len(indices)))))[:total]
+        return iter(indices[self.rank:total:self.num_replicas][self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """Contiguous, unpadded shard of ``range(size)`` cut into as many batches as every other rank's."""
+
+    def __init__(self, size: int, num_replicas: int, rank: int, batch_size: int) -> None:
+        base, extra = divmod(size, num_replicas)
+        counts = [base + (r < extra) for r in range(num_replicas)]
+        self.start, mine = sum(counts[:rank]), counts[rank]
+        batches = -(-max(counts) // batch_size) if size else 0
+        if min(counts) > 0:
+            batches = min(batches, min(counts))  # no rank is left with an empty batch it could have filled
+        sizes = [mine // batches + (b < mine % batches) for b in range(batches)] if batches else []
+        self.batches, offset = [], self.start
+        for count in sizes:
+            self.batches.append(list(range(offset, offset + count)))
+            offset += count
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(batch) for batch in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Evaluation order never changes; accepted so loops can call it on any sampler."""
+
+
+def _empty_like(batch: Any) -> Any:
+    """The structure of a collated batch with zero rows."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, dict):
+        return {key: _empty_like(value) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        items = [_empty_like(item) for item in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
 
 
 def _worker_base_seed(seed: int, epoch: int, rank: int) -> int:
@@ -110,64 +119,125 @@ def _worker_base_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def per_process_batch_size(batch_size: int, world_size: int) -> int:
-    """The batch each of ``world_size`` processes loads for a global ``batch_size``.
+class Loader(DataLoader):
+    """A ``DataLoader`` that keeps its place: epoch, batches taken, and the global batch size.
 
-    Raises:
-        ValueError: ``batch_size`` does not divide by ``world_size``; the message names the nearest
-            global batch sizes that do.
+    ``batch_size`` is the per-process batch (what one ``next()`` returns, None for evaluation),
+    ``global_batch_size`` the batch of one micro-step over all processes, ``epoch`` the epoch being
+    (or last) iterated and ``batches_remaining`` what the current iteration will still yield (None
+    outside an iteration).
     """
+
+    def __init__(self, dataset: Dataset, *, global_batch_size: int, seed: int, rank: int, world_size: int,
+                 detected: bool = False, **kwargs: Any) -> None:
+        self.global_batch_size, self.seed, self.rank = global_batch_size, seed, rank
+        self._unsharded_by_detection = detected and world_size == 1
+        self.epoch = 0
+        self.batches_remaining: int | None = None  # None outside an iteration
+        self._resume_batches = 0
+        self._taken: int | None = None  # batches of the current epoch taken, while one is being iterated
+        self._iteration: object | None = None
+        super().__init__(dataset, generator=torch.Generator(), **kwargs)
+
+    @property
+    def _epoch_sampler(self) -> ShardedSampler | EvalBatchSampler:
+        return self.batch_sampler if isinstance(self.batch_sampler, EvalBatchSampler) else self.sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next iteration is epoch ``epoch``; a pending mid-epoch resume position is kept for that epoch."""
+        sampler = self._epoch_sampler
+        if getattr(sampler, "epoch", epoch) != epoch:
+            self._resume_batches = 0
+        sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the run is: ``{"epoch", "batch"}`` (batches of that epoch already taken)."""
+        taken = self._resume_batches if self._taken is None else self._taken
+        return {"epoch": int(getattr(self._epoch_sampler, "epoch", 0)), "batch": int(taken)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at ``state``: the next iteration is that epoch, starting after the batches already taken."""
+        self._epoch_sampler.set_epoch(int(state["epoch"]))
+        self._resume_batches = int(state.get("batch", 0))
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._unsharded_by_detection and group.is_distributed():
+            raise UsageError("this loader was built before the process group existed, so it does not shard the data: "
+                             "build it after torch.distributed.init_process_group (or ap.runtime())")
+        sampler = self._epoch_sampler
+        epoch = self.epoch = getattr(sampler, "epoch", 0)
+        skip, self._resume_batches = self._resume_batches, 0
+        if isinstance(sampler, ShardedSampler):
+            sampler.start = min(skip * self.batch_size, sampler.num_samples)
+        self.generator.manual_seed(_worker_base_seed(self.seed, epoch, self.rank))
+        total = len(self)
+        self.batches_remaining = total
+        if isinstance(sampler, EvalBatchSampler) and total and not sampler.batches[0]:
+            batches: Iterator[Any] = iter([_empty_like(self.collate_fn([self.dataset[0]]))] * total)
+        else:
+            batches = super().__iter__()
+        self._taken, token = skip, object()
+        self._iteration = token
+        try:
+            for batch in batches:
+                self.batches_remaining -= 1
+                self._taken += 1
+                yield batch
+        finally:
+            if self._iteration is token:  # an abandoned iteration collected late must not reset a newer one
+                self._taken, self.batches_remaining = None, None
+                if isinstance(sampler, ShardedSampler):
+                    sampler.start = 0
+        if getattr(sampler, "epoch", epoch) == epoch:  # not set to another epoch meanwhile
+            sampler.set_epoch(epoch + 1)
+
+
+def per_process_batch_size(batch_size: int, world_size: int) -> int:
+    """The batch each of ``world_size`` processes loads for a global ``batch_size`` (which must divide)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int (the global batch of one micro-step), got {batch_size!r}")
+        raise UsageError(f"batch_size must be a positive int (the global batch of one micro-step), got {batch_size!r}")
     if batch_size % world_size:
         lower = batch_size // world_size * world_size
-        options = [value for value in (lower, lower + world_size) if value > 0]
-        suggestion = " or ".join(f"batch_size={v} ({v // world_size} per process)" for v in options)
+        options = " or ".join(f"batch_size={v} ({v // world_size} per process)" for v in (lower, lower + world_size)
+                              if v > 0)
         raise UsageError(f"batch_size={batch_size} is the global batch of one micro-step and must divide by the "
-                         f"number of DDP processes, world_size={world_size}: use {suggestion}")
+                         f"number of DDP processes, world_size={world_size}: use {options}")
     return batch_size // world_size
 
 
 def default_num_workers(processes_on_this_node: int = 1) -> int:
-    """Loader workers per process: the CPUs this node gives each process, minus one for the process itself.
-
-    Capped at 8, beyond which image decoding rarely speeds up and memory grows with every worker.
-    """
+    """Loader workers per process: this node's CPUs per process minus one for the process itself, at most 8."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cpus = os.cpu_count() or 1
-    per_process = cpus // max(1, processes_on_this_node)
-    return max(0, min(_MAX_DEFAULT_WORKERS, per_process - 1))
+    return max(0, min(_MAX_DEFAULT_WORKERS, cpus // max(1, processes_on_this_node) - 1))
 
 
-def _processes_on_this_node(rt: Runtime) -> int:
-    if rt.mode != "ddp":
-        return 1
-    local_world = os.environ.get("LOCAL_WORLD_SIZE")  # set by torchrun
-    return int(local_world) if local_world else rt.world_size
+def _default_seed() -> int:
+    """The script's seed (what it gave ``torch.manual_seed``), rank 0's under DDP so every rank shuffles alike."""
+    return int(broadcast_object(torch.initial_seed() % 2**31))
 
 
-def loader(dataset: Dataset, batch_size: int, *, train: bool = True, num_workers: int | None = None,
-           pin_memory: bool | None = None, persistent_workers: bool | None = None, seed: int = 0,
-           collate_fn: Callable[[list[Any]], Any] | None = None, drop_last: bool | None = None,
-           runtime: Runtime | None = None) -> Loader:
-    """Builds the loader for ``dataset`` in the current mode; see the module docstring for the rules.
+def loader(dataset: Dataset, batch_size: int, *, train: bool = True, shuffle: bool = True,
+           sampler: Sampler | None = None, seed: int | None = None, num_workers: int | None = None,
+           pin_memory: bool | None = None, persistent_workers: bool | None = None, drop_last: bool | None = None,
+           runtime: Runtime | None = None, **dataloader_kwargs: Any) -> Loader:
+    """Build the loader for ``dataset`` in the current mode (see the module docstring for the rules).
+
+    Call it on every rank under DDP: without ``seed`` it shares rank 0's. Other keyword arguments
+    (``collate_fn``, ``worker_init_fn``, ``prefetch_factor``, ``timeout``...) go to ``DataLoader``.
 
     Args:
-        dataset: a map-style dataset (``__len__`` and ``__getitem__``).
         batch_size: the global batch of one micro-step, in every mode.
-        train: shuffled, re-seeded every epoch and ``drop_last`` by default; ``False`` gives the
-            in-order, unpadded evaluation shards.
-        num_workers: default :func:`default_num_workers` for the processes on this node.
-        pin_memory: default on when the runtime's device is a GPU.
-        persistent_workers: default on when ``num_workers > 0`` (no worker start-up every epoch).
-        seed: base of the shuffling and worker seeds; the same on every rank.
-        collate_fn: passed to ``DataLoader``.
-        drop_last: drop the incomplete last batch; default ``True`` for training. Evaluation refuses
-            ``True``, which would skip samples.
-        runtime: default ``autoparallel.runtime()``.
+        train: shuffled (``shuffle``), sharded and ``drop_last`` by default; ``False`` gives evaluation shards.
+        sampler: an order to shard instead of the shuffle (it must give every rank the same indices: a
+            torch sampler with a ``generator`` attribute is re-seeded with ``seed + epoch`` for that).
+        seed: base of the shuffling and worker seeds; default the script's torch seed.
+        num_workers: default :func:`default_num_workers`; pin_memory: default on for a GPU;
+        persistent_workers: default on with workers; drop_last: default ``train``.
     """
+    detected = runtime is None
     if runtime is None:
         from .runtime import runtime as current_runtime
 
@@ -175,32 +245,29 @@ def loader(dataset: Dataset, batch_size: int, *, train: bool = True, num_workers
     if isinstance(dataset, IterableDataset):
         raise TypeError("loader() shards map-style datasets (with __len__ and __getitem__); an IterableDataset "
                         "must shard itself by rank: build a torch.utils.data.DataLoader for it directly")
-    distributed = runtime.mode == "ddp"
-    world_size, rank = (runtime.world_size, runtime.rank) if distributed else (1, 0)
+    world_size, rank = (runtime.world_size, runtime.rank) if runtime.is_distributed else (1, 0)
     process_batch = per_process_batch_size(batch_size, world_size)
-    if drop_last is None:
-        drop_last = train
+    drop_last = train if drop_last is None else drop_last
     if not train and drop_last:
-        raise ValueError("loader(train=False, drop_last=True) would skip the last samples of the evaluation set: "
+        raise UsageError("loader(train=False, drop_last=True) would skip the last samples of the evaluation set: "
                          "leave drop_last unset so every sample is evaluated exactly once")
-
-    sampler: Sampler[int]
-    if train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                     drop_last=drop_last)
-        if drop_last and len(sampler) < process_batch:
-            raise UsageError(f"the dataset has {len(dataset)} samples, fewer than one global batch "
-                             f"(batch_size={batch_size}), so with drop_last=True an epoch has no batch: "
-                             f"lower batch_size or pass drop_last=False")
-    else:
-        sampler = EvalSampler(dataset, num_replicas=world_size, rank=rank)
-
+    seed = _default_seed() if seed is None and train else int(seed or 0)
     if num_workers is None:
-        num_workers = default_num_workers(_processes_on_this_node(runtime))
-    if pin_memory is None:
-        pin_memory = runtime.device.type == "cuda"
-    if persistent_workers is None:
-        persistent_workers = num_workers > 0
-    return Loader(dataset, global_batch_size=batch_size, seed=seed, rank=rank, batch_size=process_batch,
-                  sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=persistent_workers, collate_fn=collate_fn, drop_last=drop_last)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size) if runtime.is_distributed else 1
+        num_workers = default_num_workers(local)
+    if num_workers == 0:
+        dataloader_kwargs.pop("prefetch_factor", None)  # DataLoader refuses it without workers
+    common = dict(global_batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, detected=detected,
+                  num_workers=num_workers,
+                  pin_memory=runtime.device.type == "cuda" if pin_memory is None else pin_memory,
+                  persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
+                  **dataloader_kwargs)
+    if not train:
+        return Loader(dataset, batch_sampler=EvalBatchSampler(len(dataset), world_size, rank, process_batch), **common)
+    shard = ShardedSampler(len(dataset), world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                           order=sampler)
+    if drop_last and len(shard) < process_batch:
+        raise UsageError(f"the dataset has {len(dataset)} samples, fewer than one global batch (batch_size="
+                         f"{batch_size}), so with drop_last=True an epoch has no batch: lower batch_size or pass "
+                         "drop_last=False")
+    return Loader(dataset, batch_size=process_batch, sampler=shard, drop_last=drop_last, **common)

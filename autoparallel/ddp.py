@@ -1,36 +1,31 @@
-"""DistributedDataParallel that needs no flags for models whose trainable set and routing change.
+"""Our DistributedDataParallel wrapper: torch's DDP for the gradients, plus what existing scripts assume.
 
-``wrap()`` calls :func:`wrap_ddp` under a distributed launcher. The wrapper keeps torch's
-``DistributedDataParallel`` for gradient synchronisation and adds what our models need:
-
-* **Unused parameters** (top-k Mixture-of-Experts routes each batch to a few experts; a frozen or
-  partly frozen backbone): DDP is built with ``find_unused_parameters=True``. Routing is data
-  dependent, so no static choice is right for every step (``static_graph`` assumes the same graph
-  every iteration and ``find_unused_parameters=False`` fails at the next step as soon as one expert
-  sat idle). The flag costs one traversal of the autograd graph per step: measured on the CPU at
-  about 1 to 2.5 microseconds per autograd node (+4 to +9 % on toy MLPs whose layers take
-  microseconds), which disappears next to a convolutional network's step on a GPU. DDP prints a
-  one-time warning about the flag when a step happens to use every parameter; it is expected.
-* **Progressive unfreezing**: DDP registers only the parameters that require grad when it is
-  built. Each training forward compares the ``requires_grad`` flags with those DDP was built with
-  (one Python loop over the parameter list) and rebuilds DDP when they changed. Rebuilding is a
-  collective (DDP broadcasts rank 0's parameters and buffers), so every rank must change
-  ``requires_grad`` between the same two steps, which a correct program does anyway: the unfreeze
-  plan is a function of the epoch, identical on all ranks.
-* **Evaluation without hangs**: forward passes without autograd (``torch.no_grad()``,
-  ``torch.inference_mode()``) run the plain module and do no collective, so ranks may evaluate
-  different numbers of batches (the uneven shards of the evaluation loader). DDP would broadcast
-  buffers in the first such forward, and hang if one rank had no batch. Instead ``model.eval()``
-  broadcasts rank 0's buffers (BatchNorm statistics) once after training, so every rank evaluates
-  the same model; call it on every rank, as evaluation loops do.
-
-The wrapper looks like the model: attribute reads and writes reach the inner module, ``state_dict()``
-has no ``module.`` prefix, and ``.module`` is the plain model.
+* **Options**: ``ap.wrap(model, **ddp_options)`` passes DDP's own options through. Unless
+  ``find_unused_parameters`` or ``static_graph`` is given, the first training step finds out what the model
+  needs: its autograd graph is read once, and if some trainable parameter took no part (a top-k mixture of
+  experts, an unused head) DDP is rebuilt with ``find_unused_parameters=True`` and that forward is re-run
+  with the same random state and buffers; otherwise (reentrant activation checkpointing included) DDP keeps
+  the cheaper ``False``. Should a later step leave a parameter out, the next forward says what to pass.
+* **Changing models**: replacing a submodule after wrapping (``model.fc = nn.Linear(...)``) or changing
+  ``requires_grad`` (progressive unfreezing) rebuilds DDP at the next training forward, which
+  broadcasts rank 0's weights: every rank must make the change between the same two steps.
+* **No collectives outside training**: forwards without autograd or in eval mode run the plain module, so
+  ranks may evaluate uneven shards, and evaluation on rank 0 alone cannot hang. A backward through an
+  eval-mode forward followed by an optimizer step (training in eval mode) is refused, since DDP did not
+  synchronise those gradients.
+* **Buffers**: rank 0's buffers (BatchNorm statistics) are broadcast at the end of each training forward
+  instead of the start, so after every step all ranks hold the same buffers: ``model.eval()``, an EMA
+  updated on any rank and the checkpoint all see rank 0's.
+* **Half-migrated code**: wrapping the result in ``DistributedDataParallel`` again is refused with the fix.
 """
 from __future__ import annotations
 
+import atexit
 import gc
+import inspect
 import logging
+import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -39,60 +34,157 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import optimizer as optimizer_hooks
 
-from .wrap import DropInWrapper
+from . import group
+from .dropin import DropInWrapper, structure_generation
+from .errors import UsageError
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
-
-__all__ = ["DistributedModel", "wrap_ddp"]
+    from .detect import Runtime
 
 logger = logging.getLogger(__name__)
 
+_OPTIONS = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {
+    "self", "module", "device_ids", "output_device", "process_group"}
+_UNUSED_WARNING = "find_unused_parameters=True was specified in DDP constructor, but did not find any unused"
+_live: weakref.WeakSet[DistributedModel] = weakref.WeakSet()
+
+
+def _release_reducers() -> None:
+    """At exit, before the process group goes: DDP reducers left to the interpreter's final teardown
+    sometimes aborted the process ("terminate called without an active exception")."""
+    for model in list(_live):
+        model.__dict__["_ddp"] = None
+    gc.collect()
+
+
+def _refuse_steps_after_eval_backward(optimizer: Any, *_: Any) -> None:
+    for model in list(_live):
+        if model.__dict__.get("_eval_backward"):
+            raise UsageError("an optimizer step on gradients from a forward in eval mode: under DDP eval-mode forwards "
+                             "skip gradient synchronisation (so evaluation never waits for other ranks), so these "
+                             "gradients differ per rank. Call model.train() before training steps")
+
+
+optimizer_hooks.register_optimizer_step_pre_hook(_refuse_steps_after_eval_backward)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _graph_facts(output: Any, parameters: list[nn.Parameter]) -> tuple[bool, bool]:
+    """(some trainable parameter is not in ``output``'s autograd graph, the graph has reentrant checkpoints)."""
+    stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+    seen, reached, reentrant = set(), set(), False
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        reentrant |= "CheckpointFunction" in node.name()
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf, i.e. a parameter
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return any(p.requires_grad and id(p) not in reached for p in parameters), reentrant
+
 
 class DistributedModel(DropInWrapper, nn.Module):
-    """Our DDP wrapper: see the module docstring for what it adds to ``DistributedDataParallel``.
-
-    Args:
-        module: the plain model, already on its device.
-        device_ids: ``[local_rank]`` on a GPU, ``None`` on the CPU (passed to DDP).
-    """
+    """The DDP wrapper ``wrap()`` returns under DDP; see the module docstring."""
 
     _autoparallel_wrapper = True
 
-    def __init__(self, module: nn.Module, device_ids: list[int] | None = None) -> None:
+    def __init__(self, module: nn.Module, device_ids: list[int] | None = None, **ddp_options: Any) -> None:
         super().__init__()
         self.module = module
-        # Plain attributes live in __dict__ directly: nn.Module.__setattr__ would register the DDP
-        # instance as a child (its parameters twice in named_modules) and our __setattr__ forwards
-        # unknown names to the inner model.
-        self.__dict__.update(
-            _device_ids=device_ids, _ddp=None, _flags=(), _grad_sync=True, _buffers_stale=False,
-            _params=list(module.parameters()), _has_buffers=any(True for _ in module.buffers()),
-            _forwarding_ready=True,  # from here on, unknown attribute sets go to the inner model
-        )
+        sync_buffers = ddp_options.pop("broadcast_buffers", ddp_options.pop("forward_sync_buffers", True))
+        decided = "find_unused_parameters" in ddp_options or ddp_options.get("static_graph", False)
+        # Plain attributes live in __dict__: nn.Module.__setattr__ would register the DDP instance as a child.
+        self.__dict__.update(_device_ids=device_ids, _options=ddp_options, _ddp=None, _flags=(), _grad_sync=True,
+                             _sync_buffers=bool(sync_buffers) and group.world_size() > 1, _probe=not decided,
+                             _params=[], _built_ids=(), _generation=-1, _eval_backward=False)
+        self._drop_in()
+        if group.rank() != 0:  # torch's hint about the flag, once per job rather than once per rank
+            warnings.filterwarnings("ignore", message=_UNUSED_WARNING)
         self._rebuild()
+        if not _live:  # registered after the process group's own exit hook, so it runs before it
+            atexit.register(_release_reducers)
+        _live.add(self)
 
-    # -- DDP life cycle -------------------------------------------------------------------------
-    def _requires_grad_flags(self) -> tuple[bool, ...]:
-        return tuple(p.requires_grad for p in self._params)
+    @classmethod
+    def build(cls, model: nn.Module, runtime: Runtime, sync_bn: bool = False, **ddp_options: Any) -> DistributedModel:
+        """Wrap ``model`` (already on ``runtime.device``) for DDP; the process group must exist."""
+        unknown = sorted(set(ddp_options) - _OPTIONS)
+        if unknown:
+            raise UsageError(f"wrap() got {', '.join(unknown)}, which DistributedDataParallel does not take: "
+                             f"choose among {', '.join(sorted(_OPTIONS))}")
+        if group.current() is None:
+            raise UsageError("DDP needs an initialised process group: call autoparallel.runtime() first, inside a "
+                             "job started by torchrun or autoparallel.launch()")
+        if sync_bn and runtime.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(runtime.device)
+        elif sync_bn:
+            logger.warning("sync_bn=True ignored on %s: torch's SyncBatchNorm runs on GPUs only; BatchNorm statistics "
+                           "stay per process", runtime.device)
+        device_ids = [runtime.device.index or 0] if runtime.device.type == "cuda" else None
+        return cls(model, device_ids=device_ids, **ddp_options)
 
-    def _rebuild(self) -> None:
-        """(Re)creates DDP for the parameters that require grad now; a collective on every rank."""
-        if self._ddp is not None:
-            # Free the old reducer first: it owns a flat gradient buffer as large as the trainable
-            # parameters and autograd hooks that are removed only when it is destroyed.
+    def __getattr__(self, name: str) -> Any:
+        if name == "_ddp_params_and_buffers_to_ignore":  # DistributedDataParallel(ap.wrap(model)) asks this first
+            raise UsageError("this model is already distributed by autoparallel.wrap, and a second "
+                             "DistributedDataParallel would all-reduce every gradient twice: remove the "
+                             "DistributedDataParallel(...) line (ap.wrap's options take DDP's arguments)")
+        return super().__getattr__(name)
+
+    # -- DDP life cycle ---------------------------------------------------------------------------------
+    def _rebuild(self, find_unused: bool | None = None) -> None:
+        """(Re)create DDP for the parameters that require grad now: a collective on every rank."""
+        if self._ddp is not None:  # free the old reducer (its gradient buffer and hooks) first
             self.__dict__["_ddp"] = None
             gc.collect()
-        flags = self._requires_grad_flags()
+        params = list(self.module.parameters())
+        options = dict(self._options)
+        if find_unused is not None:
+            options["find_unused_parameters"] = find_unused
+        hooks = options.pop("_comm_hooks", [])
         ddp = None
-        if any(flags):  # DDP refuses a module without trainable parameters; nothing to sync then
-            ddp = DistributedDataParallel(self.module, device_ids=self._device_ids, find_unused_parameters=True)
+        if any(p.requires_grad for p in params):  # DDP refuses a module with nothing to train
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                ddp = DistributedDataParallel(self.module, device_ids=self._device_ids, **options)
+            ddp.broadcast_buffers = False  # ours: after the forward, see _broadcast_buffers
             ddp.training = self.training
-        self.__dict__.update(_ddp=ddp, _flags=flags)
+            for state, hook in hooks:
+                ddp.register_comm_hook(state, hook)
+        if hooks:
+            options["_comm_hooks"] = hooks
+        self.__dict__.update(_ddp=ddp, _options=options, _params=params, _built_ids=tuple(map(id, params)),
+                             _flags=tuple(p.requires_grad for p in params), _generation=structure_generation())
 
-    def _sync_buffers(self) -> None:
-        """Copies rank 0's buffers to every rank: one broadcast per (device, dtype) group."""
+    def _changed(self) -> bool:
+        if self._generation != structure_generation():  # a parameter or submodule was registered somewhere
+            params = list(self.module.parameters())
+            self.__dict__.update(_params=params, _generation=structure_generation())
+            if tuple(map(id, params)) != self._built_ids:
+                return True
+        return tuple(p.requires_grad for p in self._params) != self._flags
+
+    def _broadcast_buffers(self) -> None:
+        """Rank 0's buffers to every rank, one broadcast per (device, dtype).
+
+        Written through ``.data``: autograd saved some buffers for the coming backward (BatchNorm saves its
+        running statistics, which its training-mode backward does not read), and a tracked in-place copy
+        would make that backward refuse to run.
+        """
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for buffer in self.module.buffers():
             groups.setdefault((buffer.device, buffer.dtype), []).append(buffer)
@@ -102,32 +194,76 @@ class DistributedModel(DropInWrapper, nn.Module):
                 dist.broadcast(flat, src=0)
                 offset = 0
                 for b in buffers:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
                     offset += b.numel()
 
-    # -- nn.Module behaviour ----------------------------------------------------------------------
+    def _probed_forward(self, args: tuple, kwargs: dict) -> Any:
+        """The first training forward: find out whether DDP needs ``find_unused_parameters``."""
+        cuda = self._device_ids[0] if self._device_ids else None
+        rng = (torch.get_rng_state(), None if cuda is None else torch.cuda.get_rng_state(cuda))
+        buffers = [b.detach().clone() for b in self.module.buffers()]
+        output = self._ddp(*args, **kwargs)
+        unused, reentrant = _graph_facts(output, self._params)
+        flags = torch.tensor([float(unused), float(reentrant)], device=group.comm_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank must decide alike
+        self.__dict__["_probe"] = False
+        if not flags[0] or flags[1]:  # all used, or reentrant checkpoints (which need False): keep False
+            return output
+        del output  # run it again under find_unused_parameters=True, from the same random state and buffers
+        with torch.no_grad():
+            for saved, buffer in zip(buffers, self.module.buffers()):
+                buffer.copy_(saved)
+        torch.set_rng_state(rng[0])
+        if cuda is not None:
+            torch.cuda.set_rng_state(rng[1], cuda)
+        logger.info("DDP: some parameters took no part in the first step: find_unused_parameters=True")
+        warnings.filterwarnings("ignore", message=_UNUSED_WARNING)  # right by construction
+        self._rebuild(find_unused=True)
+        return self._ddp(*args, **kwargs)
+
+    # -- nn.Module behaviour ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return self.module(*args, **kwargs)
-        if self._requires_grad_flags() != self._flags:
-            logger.info("trainable parameters changed since DDP was built: rebuilding DistributedDataParallel")
+        if not torch.is_grad_enabled() or not self.training:
+            output = self.module(*args, **kwargs)
+            if self.training is False and torch.is_grad_enabled():
+                for tensor in _tensors(output):
+                    if tensor.requires_grad:
+                        tensor.register_hook(self._note_eval_backward)
+                        break
+            return output
+        self.__dict__["_eval_backward"] = False
+        if self._changed():
+            logger.info("the model's trainable parameters changed since DDP was built: rebuilding it")
             self._rebuild()
-        ddp = self._ddp
-        if ddp is None:
+        if self._ddp is None:
             return self.module(*args, **kwargs)
-        ddp.require_backward_grad_sync = self._grad_sync
-        if self._has_buffers:
-            # DDP broadcasts rank 0's buffers before this forward; the forward then updates each
-            # rank's copy with its own batch (BatchNorm), so they differ again until the next sync.
-            self.__dict__["_buffers_stale"] = True
-        return ddp(*args, **kwargs)
+        self._ddp.require_backward_grad_sync = self._grad_sync
+        try:
+            output = self._probed_forward(args, kwargs) if self._probe else self._ddp(*args, **kwargs)
+        except RuntimeError as error:
+            if "Expected to have finished reduction in the prior iteration" not in str(error):
+                raise
+            raise UsageError("a parameter got no gradient in the previous step, although every parameter took part "
+                             "in the first one (data-dependent routing such as a top-k mixture of experts?): pass "
+                             "find_unused_parameters=True to ap.wrap()") from error
+        if self._sync_buffers:
+            self._broadcast_buffers()
+        return output
+
+    def _note_eval_backward(self, grad: torch.Tensor) -> None:
+        self.__dict__["_eval_backward"] = True
+
+    def register_comm_hook(self, state: Any, hook: Any) -> None:
+        """DDP's communication hook (fp16 compression, PowerSGD, ...), kept across rebuilds of DDP."""
+        self._options["_comm_hooks"] = [*self._options.get("_comm_hooks", []), (state, hook)]
+        if self._ddp is not None:
+            self._ddp.register_comm_hook(state, hook)
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Accumulates gradients locally, without all-reduce, for the backward passes inside.
+        """Accumulate gradients locally, without all-reduce, for the backward passes inside.
 
-        The flag is kept here and applied at each forward, so it survives a DDP rebuild (an unfreeze
-        inside an accumulation window), which ``DistributedDataParallel.no_sync`` would not.
+        The flag is applied at each forward, so it survives a DDP rebuild inside an accumulation window.
         """
         previous = self._grad_sync
         self.__dict__["_grad_sync"] = False
@@ -140,43 +276,4 @@ class DistributedModel(DropInWrapper, nn.Module):
         super().train(mode)
         if self._ddp is not None:
             self._ddp.training = mode
-        if not mode and self._buffers_stale and dist.is_initialized() and dist.get_world_size() > 1:
-            self._sync_buffers()
-            self.__dict__["_buffers_stale"] = False
         return self
-
-
-def wrap_ddp(model: nn.Module, runtime: Runtime, sync_bn: bool = False) -> nn.Module:
-    """Wraps ``model`` for DDP on ``runtime.device``; ``wrap()`` calls this in mode ``"ddp"``.
-
-    Args:
-        model: the plain model (a :class:`DistributedModel` is returned unchanged).
-        runtime: a ``Runtime`` in mode ``"ddp"`` whose process group is initialised (``runtime()``
-            does that under a launcher).
-        sync_bn: convert BatchNorm layers to ``SyncBatchNorm`` before wrapping, so batch statistics
-            come from the global batch (useful with a few images per GPU). torch has no CPU kernel for
-            it, so on the CPU the layers stay per-process BatchNorm and a warning says so.
-
-    Returns:
-        A :class:`DistributedModel` around the model moved to ``runtime.device``.
-    """
-    if isinstance(model, DistributedModel):
-        return model
-    if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
-        raise TypeError(f"wrap_ddp got a model already wrapped in {type(model).__name__}: pass the plain model "
-                        "(autoparallel.unwrap(model)) and let autoparallel wrap it once")
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("wrap_ddp needs an initialised process group: call autoparallel.runtime() first, "
-                           "inside a job started by torchrun or autoparallel.launch()")
-    device = runtime.device
-    if sync_bn:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            logger.warning("sync_bn=True ignored on %s: torch's SyncBatchNorm runs on GPUs only; BatchNorm "
-                           "statistics stay per process", device)
-    model = model.to(device)
-    device_ids = None
-    if device.type == "cuda":
-        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-    return DistributedModel(model, device_ids=device_ids)

@@ -33,7 +33,9 @@ import subprocess
 import sys
 import types
 from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
+from .detect import parse_devices
 from .errors import UsageError
 
 __all__ = ["launch", "launch_command", "requested_processes"]
@@ -47,8 +49,15 @@ def _under_launcher(env: Mapping[str, str]) -> bool:
     if any(env.get(name, "").strip() for name in _LAUNCHER_VARS):
         return True
     # srun with several tasks starts every process itself (runtime() reads the SLURM variables).
-    ntasks = env.get("SLURM_NTASKS", "").strip()
-    return ntasks.isdigit() and int(ntasks) > 1 and bool(env.get("SLURM_PROCID", "").strip())
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "").strip()
+    return tasks.isdigit() and int(tasks) > 1
+
+
+def in_notebook() -> bool:
+    """This process is a Jupyter kernel (Jupyter, Kaggle, Colab)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 def _visible_gpus() -> int:
@@ -68,6 +77,9 @@ def requested_processes(nproc: int | None, env: Mapping[str, str], gpu_count: in
         if not text.isdigit() or int(text) < 1:
             raise UsageError(f"AUTOPARALLEL_NPROC={text!r} is not a positive number of processes, e.g. 2")
         return int(text) if int(text) > 1 else None
+    listed = parse_devices(env.get("AUTOPARALLEL_DEVICES"), "AUTOPARALLEL_DEVICES")
+    if listed is not None:  # the GPUs asked for, of those that exist
+        gpu_count = len([index for index in listed if index < gpu_count]) if gpu_count else 0
     strategy = env.get("AUTOPARALLEL_STRATEGY", "").strip().lower()
     if strategy == "ddp":
         if gpu_count < 2:
@@ -83,7 +95,7 @@ def requested_processes(nproc: int | None, env: Mapping[str, str], gpu_count: in
 def _script_arguments(main_module: types.ModuleType | None, argv: Sequence[str]) -> list[str]:
     """What torchrun must run: ``-m package.module args`` or ``script.py args``."""
     spec = getattr(main_module, "__spec__", None)
-    if spec is not None and spec.name:  # started as python -m package.module
+    if spec is not None and spec.name and spec.name != "__main__":  # python -m package.module (a folder: __main__)
         name = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
         return ["-m", name, *argv[1:]]
     if not argv or argv[0] in ("", "-c", "-"):
@@ -105,6 +117,11 @@ def launch_command(nproc: int, main_module: types.ModuleType | None = None,
 
 def _child_environment(nproc: int) -> dict[str, str]:
     env = dict(os.environ, AUTOPARALLEL_LAUNCHED="1")
+    # torchrun starts plain `python`: the interpreter flags of this process travel as their variables.
+    if sys.flags.optimize:
+        env["PYTHONOPTIMIZE"] = str(sys.flags.optimize)
+    if sys.warnoptions:
+        env["PYTHONWARNINGS"] = ",".join(filter(None, [*sys.warnoptions, env.get("PYTHONWARNINGS")]))
     # torchrun would set 1 thread per process and warn; on the CPU that wastes cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return env
@@ -165,25 +182,37 @@ def _run(command: list[str], env: dict[str, str]) -> int:
         signal.signal(signal.SIGINT, previous_int)
 
 
-def launch(nproc: int | None = None) -> None:
-    """Re-run this script as ``nproc`` DDP processes through ``torch.distributed.run`` when asked to.
+def launch(fn: Callable[..., Any] | None = None, *args: Any, nproc: int | None = None, **kwargs: Any) -> Any:
+    """Start the DDP job: re-run this script (``ap.launch()``), or run ``fn`` in each process (``ap.launch(fn)``).
 
-    Returns at once when a launcher (torchrun, ``accelerate launch``, ``srun``, or ``launch()`` itself)
-    already started this process, or when DDP is not requested (see the module docstring). Otherwise it
-    does not return: the process exits with the job's status.
+    ``ap.launch()`` at the top of a script returns at once under a launcher (torchrun, ``accelerate
+    launch``, ``srun``, or itself) or when DDP is not requested; otherwise it re-runs the script through
+    ``torch.distributed.run`` and exits with the job's status. ``ap.launch(fn, *args, **kwargs)`` runs
+    ``fn(*args, **kwargs)`` in every process of the job (see :mod:`autoparallel.spawn`) and returns rank 0's
+    result; with one process it simply calls ``fn``. In a notebook only the function form works.
 
     Args:
         nproc: number of processes; default ``AUTOPARALLEL_NPROC``, else one per GPU when
             ``AUTOPARALLEL_STRATEGY`` is ``ddp`` or unset and 2+ GPUs are visible.
     """
+    if fn is not None:
+        if not callable(fn):
+            raise TypeError(f"ap.launch(fn) needs a function, got {fn!r}; the number of processes is nproc=...")
+        from .spawn import run
+
+        count = requested_processes(nproc, os.environ, _visible_gpus())
+        return fn(*args, **kwargs) if count is None or _under_launcher(os.environ) else run(fn, args, kwargs, count)
     if _under_launcher(os.environ):
         _record_exceptions_hook()
-        return
+        return None
+    if in_notebook():
+        raise UsageError("ap.launch() re-runs the script it is called from, and in a notebook that is the kernel "
+                         "itself: put the training in a function and call ap.launch(train) in a cell")
     # Counting GPUs imports torch; skip it when the number is given, to start the job sooner.
     explicit = nproc is not None or os.environ.get("AUTOPARALLEL_NPROC", "").strip()
     count = requested_processes(nproc, os.environ, 0 if explicit else _visible_gpus())
     if count is None:
-        return
+        return None
     command = launch_command(count)
     logger.info("re-launching as %d processes: %s", count, " ".join(command))
     status = _run(command, _child_environment(count))

@@ -15,7 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .runtime import Runtime, is_main_process
+from .detect import Runtime
+from .runtime import is_main_process
 from .runtime import runtime as current_runtime
 
 _banner_printed = False  # print_banner() prints once per process

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .runtime import Runtime
+from .detect import Runtime
 from .runtime import runtime as current_runtime
 
 

@@ -1,4 +1,4 @@
-"""GradientAccumulator, effective_batch_size and scale_lr, in one process on the CPU."""
+"""GradientAccumulator in one process on the CPU (DDP as a 1-process gloo group)."""
 from __future__ import annotations
 
 import copy
@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from autoparallel.accumulate import GradientAccumulator, effective_batch_size, scale_lr
-from autoparallel.ddp import DistributedModel
+import autoparallel as ap
+from autoparallel import GradientAccumulator
+
+CPU_DDP = ap.Runtime(mode="ddp", device="cpu", device_ids=(), backend="gloo")
 
 
 def linear_model() -> nn.Module:
@@ -111,7 +113,7 @@ def test_non_finite_gradients_without_a_scaler_skip_the_step_when_clipping() -> 
 
 @pytest.mark.usefixtures("single_process_group")
 def test_only_the_last_micro_step_of_a_window_all_reduces() -> None:
-    model = DistributedModel(linear_model())
+    model = ap.wrap(linear_model(), runtime=CPU_DDP)
     backward_passes_reduced = []
 
     def count_all_reduce(state, bucket):
@@ -121,7 +123,7 @@ def test_only_the_last_micro_step_of_a_window_all_reduces() -> None:
         return future
 
     state = {"micro_step": -1}
-    model._ddp.register_comm_hook(state, count_all_reduce)
+    model.register_comm_hook(state, count_all_reduce)
     accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=3)
     inputs, targets = batch(2)
     for micro_step in range(6):
@@ -131,13 +133,3 @@ def test_only_the_last_micro_step_of_a_window_all_reduces() -> None:
         accumulator.step()
 
     assert backward_passes_reduced == [2, 5]  # one bucket, reduced once per optimizer step
-
-
-def test_effective_batch_size_and_linear_lr_scaling() -> None:
-    assert effective_batch_size(8, 4) == 32
-    assert scale_lr(1.25e-6, global_batch=8, base_batch=4) == 2.5e-6  # seed 003's example
-    assert scale_lr(0.1, global_batch=32, base_batch=32) == 0.1
-    with pytest.raises(ValueError, match="positive int accumulation_steps, got 0"):
-        effective_batch_size(8, 0)
-    with pytest.raises(ValueError, match="accumulation_steps must be a positive int, got 0"):
-        GradientAccumulator(linear_model(), torch.optim.SGD(linear_model().parameters(), lr=0.1), accumulation_steps=0)

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoparallel.checkpoint import (
+import autoparallel as ap
+from autoparallel import (
+    EMA,
     CheckpointKeeper,
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -28,11 +30,11 @@ from autoparallel.checkpoint import (
     UntrustedCheckpointError,
     load_checkpoint,
     save_checkpoint,
+    unwrap,
 )
-from autoparallel.ddp import DistributedModel
-from autoparallel.ema import EMA
-from autoparallel.wrap import DataParallel as OurDataParallel
-from autoparallel.wrap import unwrap
+
+DP_ON_CPU = ap.Runtime(mode="dp", device="cpu", device_ids=())
+CPU_DDP = ap.Runtime(mode="ddp", device="cpu", device_ids=(), backend="gloo")
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -72,9 +74,9 @@ def _wrapped(kind: str, net: nn.Module) -> nn.Module:
     if kind == "compiled":
         return torch.compile(net)  # built only, never run: compiling would take seconds
     if kind == "ap_dp":
-        return OurDataParallel(net)
+        return ap.wrap(net, runtime=DP_ON_CPU)
     if kind == "ap_ddp":
-        return DistributedModel(net)
+        return ap.wrap(net, runtime=CPU_DDP)
     return net
 
 
@@ -130,9 +132,11 @@ def test_format_is_plain_data_that_loads_with_weights_only(tmp_path):
     assert path == tmp_path / "sub" / "c.pt"
     checkpoint = torch.load(path, weights_only=True)
     assert list(checkpoint) == ["format", "version", "torch_version", "model", "ema", "optimizer", "scheduler",
-                                "scaler", "epoch", "step", "rng", "extra"]
+                                "scaler", "loader", "epoch", "step", "rng", "extra", "digest"]
     assert (checkpoint["format"], checkpoint["version"], checkpoint["epoch"], checkpoint["step"]) == (
-        "autoparallel", 1, 3, 30)
+        "autoparallel", 2, 3, 30)
+    assert checkpoint["loader"] is None
+    assert len(checkpoint["digest"]) == 32  # 128-bit BLAKE2b, hex
     assert list(checkpoint["model"]) == list(net.state_dict())
     assert checkpoint["ema"]["step"] == 0
     assert list(checkpoint["ema"]["module"]) == list(net.state_dict())
@@ -239,7 +243,7 @@ def test_a_submodule_really_named_module_still_loads(tmp_path):
     _assert_same(target.module.state_dict(), source.state_dict())
 
 
-def test_upstream_camoxpert_checkpoint_loads_model_ema_and_metadata(tmp_path):
+def test_tutorial_layout_with_parameter_only_ema_loads_model_ema_and_metadata(tmp_path):
     model, ema_source = _net(0), _net(2)
     shadow = {f"module.{name}": p.detach().clone() for name, p in ema_source.named_parameters()}  # params only
     args = {"backbone": "edgenext_base", "num_experts": 7, "lr": 0.00025}
@@ -248,7 +252,7 @@ def test_upstream_camoxpert_checkpoint_loads_model_ema_and_metadata(tmp_path):
     target = nn.DataParallel(_net(1))
     ema = EMA(target, decay=0.999)
     info = load_checkpoint(tmp_path / "best_model.pth", model=target, ema=ema)
-    assert info == {"epoch": 41, "step": None, "extra": {"best_iou": 0.7123, "args": args}, "format": "upstream"}
+    assert info == {"epoch": 41, "step": None, "extra": {"best_iou": 0.7123, "args": args}, "format": "tutorial"}
     _assert_same(target.module.state_dict(), model.state_dict())
     for name, param in ema.module.named_parameters():
         assert torch.equal(param, shadow[f"module.{name}"]), name
@@ -406,8 +410,8 @@ def test_optimizer_mismatch_leaves_the_model_untouched(tmp_path):
 
 
 def test_newer_format_version_is_refused(tmp_path):
-    torch.save({"format": "autoparallel", "version": 2, "model": {}}, tmp_path / "new.pt")
-    with pytest.raises(CheckpointMismatchError, match=f"checkpoint {tmp_path / 'new.pt'} has format version 2"):
+    torch.save({"format": "autoparallel", "version": 3, "model": {}}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointMismatchError, match=f"checkpoint {tmp_path / 'new.pt'} has format version 3"):
         load_checkpoint(tmp_path / "new.pt")
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
-from autoparallel.data import EvalSampler, default_num_workers, loader
-from autoparallel.runtime import Runtime
+from autoparallel import Runtime, loader
 
 CPU = Runtime(mode="cpu", device=torch.device("cpu"), device_ids=())
 
@@ -75,18 +74,32 @@ def test_each_iteration_is_a_new_epoch_and_set_epoch_replays_one() -> None:
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("size", [0, 1, 3, 7, 10])
-def test_evaluation_shards_cover_every_index_once_in_order(world_size: int, size: int) -> None:
-    shards = [list(EvalSampler(range(size), num_replicas=world_size, rank=rank)) for rank in range(world_size)]
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_evaluation_shards_cover_every_index_once_in_order_in_as_many_batches(world_size, size, batch) -> None:
+    ranks = [epoch_batches(loader(numbers(size), batch * world_size, train=False, num_workers=0,
+                                  runtime=ddp(rank, world_size) if world_size > 1 else CPU))
+             for rank in range(world_size)]
 
-    assert sum(shards, []) == list(range(size))  # contiguous, in rank order, no padding
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert sum((sum(batches, []) for batches in ranks), []) == list(range(size))  # contiguous, no padding
+    assert len({len(batches) for batches in ranks}) == 1  # per-batch gathers never wait for a rank
+    assert all(len(b) <= batch + 1 for batches in ranks for b in batches)
+    if size >= world_size:
+        assert all(batches and all(b for b in batches) for batches in ranks)  # nobody gets an empty batch
 
 
 def test_evaluation_loader_splits_seven_samples_over_two_ranks() -> None:
     per_rank = [epoch_batches(loader(numbers(7), 2, train=False, num_workers=0, runtime=ddp(rank, 2)))
                 for rank in range(2)]
 
-    assert per_rank == [[[0], [1], [2], [3]], [[4], [5], [6]]]
+    assert per_rank == [[[0, 1], [2], [3]], [[4], [5], [6]]]
+
+
+def test_a_rank_without_samples_yields_empty_batches_of_the_right_structure() -> None:
+    per_rank = [list(loader(numbers(1), 2, train=False, num_workers=0, runtime=ddp(rank, 2))) for rank in range(2)]
+    assert [len(batches) for batches in per_rank] == [1, 1]
+    (first,), (empty,) = per_rank[0][0], per_rank[1][0]
+    assert first.tolist() == [0]
+    assert (empty.shape, empty.dtype) == ((0,), first.dtype)
 
 
 def test_evaluation_refuses_to_drop_samples_and_training_needs_one_batch() -> None:
@@ -94,8 +107,6 @@ def test_evaluation_refuses_to_drop_samples_and_training_needs_one_batch() -> No
         loader(numbers(7), 2, train=False, drop_last=True, runtime=CPU)
     with pytest.raises(ValueError, match="has 5 samples, fewer than one global batch"):
         loader(numbers(5), 8, runtime=CPU)
-    with pytest.raises(ValueError, match=r"EvalSampler needs 0 <= rank < num_replicas, got rank=2"):
-        EvalSampler(range(4), num_replicas=2, rank=2)
 
 
 class Stream(IterableDataset):
@@ -133,12 +144,18 @@ def test_worker_random_streams_depend_on_seed_epoch_and_rank_only() -> None:
 
 
 def test_default_workers_share_the_cpus_between_local_processes(monkeypatch) -> None:
+    def workers(runtime: Runtime) -> int:
+        return loader(numbers(64), 2 * runtime.world_size, runtime=runtime, persistent_workers=False).num_workers
+
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert default_num_workers(1) == 8  # capped
-    assert default_num_workers(2) == 7  # 8 CPUs each, one left for the training process
-    assert default_num_workers(16) == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert workers(CPU) == 8  # capped
+    assert workers(ddp(0, 2)) == 7  # 8 CPUs each, one left for the training process
+    assert workers(ddp(0, 16)) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 of the 16 processes on this node
+    assert workers(ddp(0, 16)) == 7
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert default_num_workers(1) == 1
+    assert workers(CPU) == 1
 
 
 def test_defaults_follow_the_device() -> None:

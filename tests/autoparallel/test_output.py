@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoparallel import output
-from autoparallel.output import banner, print_banner, progress
-from autoparallel.runtime import Runtime, reset_runtime
+from autoparallel import Runtime, banner, output, print_banner, progress
+from autoparallel.runtime import reset_runtime
 
 T4X2 = {"gpu_names": ("Tesla T4",) * 2, "gpu_memory_gib": (15.0,) * 2}
 

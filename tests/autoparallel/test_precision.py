@@ -7,8 +7,7 @@ import warnings
 import pytest
 import torch
 
-from autoparallel.precision import autocast, grad_scaler
-from autoparallel.runtime import Runtime
+from autoparallel import Runtime, autocast, grad_scaler
 
 CPU_FP32 = Runtime(mode="cpu", device="cpu", device_ids=())
 CPU_BF16 = Runtime(mode="cpu", device="cpu", device_ids=(), precision="bf16")

@@ -9,25 +9,16 @@ from datetime import timedelta
 import pytest
 import torch
 
-from autoparallel.runtime import (
-    Hardware,
-    Runtime,
-    _destroy_process_group,
-    detect_runtime,
-    distributed_env_defaults,
-    first_slurm_host,
-    is_main_process,
-    parse_devices,
-    process_group_timeout,
-    reset_runtime,
-    runtime,
-)
+from autoparallel import Hardware, Runtime, detect_runtime, is_main_process, runtime
+from autoparallel.detect import first_slurm_host, parse_devices
+from autoparallel.runtime import _destroy_process_group, distributed_env_defaults, process_group_timeout, reset_runtime
 
 T4 = dict(name="Tesla T4", memory_gib=15.0, capability=(7, 5))
 A100 = dict(name="NVIDIA A100-SXM4-40GB", memory_gib=39.4, capability=(8, 0))
 TORCHRUN_RANK1 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
                   "TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-SLURM_TASK3 = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+SLURM_TASK3 = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
+               "SLURM_NODEID": "1",
                "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_ID": "123456"}
 
 
@@ -92,7 +83,7 @@ def test_cpu_precision_is_fp32_unless_bf16_is_asked(caplog):
     assert detect(gpus=0, precision="bf16").precision == "bf16"
     with caplog.at_level(logging.WARNING, logger="autoparallel"):
         assert detect(gpus=0, precision="fp16").precision == "fp32"
-    assert "precision=fp16 asked for" in caplog.text
+    assert "precision=fp16 asked for, but fp16 autocast with a GradScaler needs a GPU" in caplog.text
     assert "using fp32" in caplog.text
 
 
@@ -100,22 +91,21 @@ def test_dp_with_one_gpu_runs_single_and_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="autoparallel"):
         rt = detect(gpus=1, strategy="dp")
     assert (rt.mode, rt.device_ids) == ("single", (0,))
-    assert "strategy=dp asks for DataParallel but only 1 GPU is visible (Tesla T4): running on that single GPU" \
-        in caplog.text
+    assert "strategy=dp asked for, but only 1 GPU is visible (Tesla T4): running on that single GPU" in caplog.text
 
 
 def test_gpu_strategy_without_gpus_runs_on_cpu(caplog):
     with caplog.at_level(logging.WARNING, logger="autoparallel"):
         rt = detect(gpus=0, env={"AUTOPARALLEL_STRATEGY": "single"})
     assert rt.mode == "cpu"
-    assert "AUTOPARALLEL_STRATEGY=single asks for GPUs but none is visible" in caplog.text
+    assert "AUTOPARALLEL_STRATEGY=single asked for, but no GPU is visible" in caplog.text
 
 
 def test_ddp_without_launcher_points_at_launch(caplog):
     with caplog.at_level(logging.WARNING, logger="autoparallel"):
         rt = detect(gpus=2, strategy="ddp")
     assert rt.mode == "dp"
-    assert "no distributed launcher started this script" in caplog.text
+    assert "strategy=ddp asked for, but no distributed launcher started this script" in caplog.text
     assert "running in one process as 'dp'" in caplog.text
     assert "autoparallel.launch()" in caplog.text
     assert "torchrun --nproc_per_node" in caplog.text
@@ -125,7 +115,7 @@ def test_missing_device_is_dropped_with_a_message(caplog):
     with caplog.at_level(logging.WARNING, logger="autoparallel"):
         rt = detect(gpus=2, devices="1,3")
     assert (rt.mode, rt.device, rt.device_ids) == ("single", torch.device("cuda:1"), (1,))
-    assert "devices=1,3 asks for GPU 3 but this machine shows 2 GPU(s) (0: Tesla T4, 1: Tesla T4): using GPU 1" \
+    assert "devices=1,3 asked for, but this machine shows 2 GPU(s) (0: Tesla T4, 1: Tesla T4): using GPU 1" \
         in caplog.text
 
 
@@ -133,7 +123,7 @@ def test_only_missing_devices_means_all_visible_gpus(caplog):
     with caplog.at_level(logging.WARNING, logger="autoparallel"):
         rt = detect(gpus=2, env={"AUTOPARALLEL_DEVICES": "3"})
     assert rt.device_ids == (0, 1)
-    assert "AUTOPARALLEL_DEVICES=3 asks for GPU 3" in caplog.text
+    assert "AUTOPARALLEL_DEVICES=3 asked for, but this machine shows 2 GPU(s)" in caplog.text
     assert "using all visible GPUs" in caplog.text
 
 
@@ -171,7 +161,7 @@ def test_bad_values_raise_naming_source_value_and_choices(kwargs, env, message):
 
 
 def test_partial_launcher_environment_raises():
-    with pytest.raises(ValueError, match=r"Partially set environment: RANK=0 but WORLD_SIZE, LOCAL_RANK missing"):
+    with pytest.raises(ValueError, match=r"partially set environment: RANK=0 but WORLD_SIZE, LOCAL_RANK missing"):
         detect(gpus=2, env={"RANK": "0"})
 
 
@@ -201,7 +191,7 @@ def test_torchrun_overrides_dp_request_with_a_message(caplog):
     with caplog.at_level(logging.WARNING, logger="autoparallel"):
         rt = detect(gpus=2, env=TORCHRUN_RANK1, strategy="dp")
     assert rt.mode == "ddp"
-    assert "strategy=dp ignored: torchrun started 2 processes" in caplog.text
+    assert "strategy=dp asked for, but torchrun started 2 processes: each one drives a single device" in caplog.text
 
 
 def test_cpu_strategy_under_torchrun_is_ddp_on_cpu():
@@ -218,7 +208,7 @@ def test_more_processes_than_gpus_runs_ddp_on_cpu(caplog):
     with caplog.at_level(logging.WARNING, logger="autoparallel"):
         rt = detect(gpus=1, env={**TORCHRUN_RANK1, "RANK": "0", "LOCAL_RANK": "0"})
     assert (rt.mode, rt.device, rt.backend) == ("ddp", torch.device("cpu"), "gloo")
-    assert "torchrun started 2 processes on this node but only 1 GPU(s) are visible" in caplog.text
+    assert "torchrun --nproc_per_node=2 asked for, but only 1 GPU(s) are visible on this node" in caplog.text
 
 
 def test_multi_node_torchrun_reads_group_rank():
@@ -264,7 +254,7 @@ def test_slurm_without_master_address_is_not_distributed(caplog):
     with caplog.at_level(logging.WARNING, logger="autoparallel"):
         rt = detect(gpus=2, env=env)
     assert rt.mode == "dp"
-    assert "SLURM_NTASKS=4 but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set" in caplog.text
+    assert "srun started 4 tasks but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set" in caplog.text
 
 
 def test_torchrun_inside_slurm_trusts_torchrun():
@@ -329,7 +319,7 @@ def test_fallback_warning_reaches_stderr_without_logging_config(monkeypatch, cap
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
     assert not logging.getLogger("autoparallel.runtime").hasHandlers()
     detect(gpus=1, strategy="dp")
-    assert "strategy=dp asks for DataParallel but only 1 GPU is visible (Tesla T4)" in capsys.readouterr().err
+    assert "strategy=dp asked for, but only 1 GPU is visible (Tesla T4)" in capsys.readouterr().err
 
 
 def test_runtime_under_a_launcher_joins_the_process_group_once(fresh_runtime, monkeypatch):

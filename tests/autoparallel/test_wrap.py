@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
-import types
 from collections import OrderedDict, namedtuple
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from autoparallel.runtime import Runtime
-from autoparallel.wrap import (
-    DataParallel,
-    dataparallel_split,
-    gather_outputs,
-    gather_scalars,
-    split_warning,
-    unwrap,
-    wrap,
-)
+from autoparallel import Runtime, unwrap, wrap
+from autoparallel.dataparallel import DataParallel, dataparallel_split, merge_outputs, split_warning
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fake_gpus import cpu_parallel_apply, fake_gpus  # noqa: E402
 
 CPU = Runtime(mode="cpu", device="cpu", device_ids=())
 # On this CPU-only machine nn.DataParallel is a pass-through, so a "dp" runtime on the CPU builds the real
 # wrapper structure (prefixes, attribute access) without GPUs.
 DP_ON_CPU = Runtime(mode="dp", device="cpu", device_ids=())
-wrap_module = sys.modules["autoparallel.wrap"]  # the package's `wrap` attribute is the function, not the module
+dataparallel_module = sys.modules["autoparallel.dataparallel"]
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="DataParallel is a pass-through only without GPUs")
 
 
@@ -206,40 +200,40 @@ def test_dp_on_several_gpus_wraps_the_uncompiled_model(compiled_net, caplog):
     assert "DataParallel cannot replicate a torch.compile'd model" in caplog.text
 
 
-def test_ddp_mode_delegates_to_the_ddp_module(net, monkeypatch):
-    calls = []
-
-    def fake_wrap_ddp(model, runtime, sync_bn=False):
-        calls.append((model, runtime, sync_bn))
-        return FakeOurWrapper(model)
-
-    monkeypatch.setitem(sys.modules, "autoparallel.ddp", types.SimpleNamespace(wrap_ddp=fake_wrap_ddp))
-    ddp_cpu = Runtime(mode="ddp", device="cpu", device_ids=(), world_size=2, backend="gloo")
-    wrapped = wrap(net, runtime=ddp_cpu, sync_bn=True)
-    assert calls == [(net, ddp_cpu, True)]
+@pytest.mark.usefixtures("single_process_group")
+def test_ddp_mode_gives_the_ddp_wrapper(net, caplog):
+    ddp_cpu = Runtime(mode="ddp", device="cpu", device_ids=(), backend="gloo")
+    with caplog.at_level(logging.WARNING, logger="autoparallel"):
+        wrapped = wrap(net, runtime=ddp_cpu, sync_bn=True)
     assert wrapped.module is net
+    assert unwrap(wrapped) is net
+    assert "sync_bn=True ignored on cpu" in caplog.text
     assert wrap(wrapped, runtime=ddp_cpu) is wrapped
-    assert len(calls) == 1
+    with pytest.raises(ValueError, match="wrap\\(\\) got bucket_size, which DistributedDataParallel does not take"):
+        wrap(Net(), runtime=ddp_cpu, bucket_size=25)
 
 
-def test_gather_scalars_weights_by_batch_share():
-    result = gather_scalars([torch.tensor(2.0), torch.tensor(4.0)], [3, 1])
-    assert result.shape == ()
-    assert result.item() == 2.5
-    assert gather_scalars([torch.tensor(2.0), torch.tensor(4.0)]).item() == 3.0
-    single = torch.tensor(7.0)
-    assert gather_scalars([single], [5]) is single
+def _scalars(values, sizes=None):
+    return merge_outputs(values, sizes, torch.cat)
 
 
-def test_gather_scalars_keeps_dtype_and_agreeing_integers():
-    half = gather_scalars([torch.tensor(1.0, dtype=torch.float16), torch.tensor(2.0, dtype=torch.float16)], [1, 1])
+def test_float_scalars_are_means_weighted_by_batch_share():
+    result = _scalars([torch.tensor(2.0), torch.tensor(4.0)], [3, 1])
+    assert (result.shape, result.item()) == ((), 2.5)
+    assert _scalars([torch.tensor(2.0), torch.tensor(4.0)]).item() == 3.0
+    half = _scalars([torch.tensor(1.0, dtype=torch.float16), torch.tensor(2.0, dtype=torch.float16)], [1, 1])
     assert (half.dtype, half.item()) == (torch.float16, 1.5)
-    same = gather_scalars([torch.tensor(3), torch.tensor(3)], [2, 1])
-    assert (same.dtype, same.item()) == (torch.int64, 3)
-    differ = gather_scalars([torch.tensor(1), torch.tensor(4)], [2, 1])
-    assert (differ.dtype, differ.item()) == (torch.float32, 2.0)
-    with pytest.raises(ValueError, match="got 2 values but 3 weights"):
-        gather_scalars([torch.tensor(1.0), torch.tensor(2.0)], [1, 1, 1])
+    with pytest.raises(ValueError, match="2 replica outputs but 3 batch shares"):
+        _scalars([torch.tensor(1.0), torch.tensor(2.0)], [1, 1, 1])
+
+
+def test_integer_scalars_are_counts_and_flags_are_any():
+    counts = _scalars([torch.tensor(3), torch.tensor(4)], [2, 1])
+    assert (counts.dtype, counts.item()) == (torch.int64, 7)
+    flags = _scalars([torch.tensor(False), torch.tensor(True)], [2, 1])
+    assert (flags.dtype, flags.item()) == (torch.bool, True)
+    assert _scalars([3, 4], [2, 1]) == 7
+    assert _scalars([False, False], [2, 1]) is False
 
 
 def test_gathered_replica_losses_equal_the_full_batch_loss_and_gradient():
@@ -251,7 +245,7 @@ def test_gathered_replica_losses_equal_the_full_batch_loss_and_gradient():
     sizes = dataparallel_split(5, 2)
     assert sizes == [3, 2]
     replica_losses = [((xs @ weight - ys) ** 2).mean() for xs, ys in zip(x.split(sizes), y.split(sizes))]
-    gathered = gather_scalars(replica_losses, sizes)
+    gathered = _scalars(replica_losses, sizes)
     (gathered_grad,) = torch.autograd.grad(gathered, weight)
     # Float tolerance: a weighted mean of the parts sums in another order than the full batch's mean.
     torch.testing.assert_close(gathered, full)
@@ -277,7 +271,7 @@ def test_gather_outputs_keeps_structure_and_scalars():
         )
 
     outputs = [replica(1.0, 3), replica(5.0, 1)]
-    merged = gather_outputs(outputs, [3, 1], lambda tensors: torch.cat(tensors, 0))
+    merged = merge_outputs(outputs, [3, 1], lambda tensors: torch.cat(tensors, 0))
     expected_mask = torch.tensor([[1.0], [1.0], [1.0], [5.0]])
     assert type(merged) is tuple
     assert torch.equal(merged[0], expected_mask)
@@ -298,7 +292,7 @@ def test_gather_outputs_keeps_structure_and_scalars():
 
 def test_gather_outputs_rejects_mismatched_dicts():
     with pytest.raises(ValueError, match="dicts with different keys"):
-        gather_outputs([{"a": torch.tensor(1.0)}, {"b": torch.tensor(1.0)}], None, torch.cat)
+        merge_outputs([{"a": torch.tensor(1.0)}, {"b": torch.tensor(1.0)}], None, torch.cat)
 
 
 @pytest.mark.parametrize(("batch", "gpus"), [(8, 2), (5, 2), (5, 4), (1, 2), (7, 3), (16, 5), (3, 8)])
@@ -315,47 +309,29 @@ def test_split_warnings():
                                           "leaving 1 GPU(s) idle")
 
 
-def test_split_warning_is_logged_once_per_situation(net, caplog):
-    wrapped = DataParallel(net)
-    with caplog.at_level(logging.WARNING, logger="autoparallel"):
+@needs_no_gpu
+def test_split_warning_is_logged_once_per_situation(net, monkeypatch, caplog):
+    wrapped = wrap(net, runtime=DP_ON_CPU)
+    with fake_gpus(monkeypatch, wrapped, 2), caplog.at_level(logging.WARNING, logger="autoparallel"):
         for batch in (5, 5, 8, 5, 7):
-            wrapped._warn_split(batch, 2)
+            wrapped(torch.randn(batch, 3))
     assert [record.getMessage()[:40] for record in caplog.records] == [
         "DataParallel split a batch of 5 over 2 G", "DataParallel split a batch of 7 over 2 G"]
 
 
-def test_gather_scalars_of_floats_never_syncs_with_the_host(monkeypatch):
+def test_merging_float_scalars_never_syncs_with_the_host(monkeypatch):
     values = [torch.tensor(2.0), torch.tensor(4.0)]
 
     def host_sync(*args, **kwargs):
-        raise AssertionError("gather_scalars made a tensor from Python data or read a value on the host")
+        raise AssertionError("the merge made a tensor from Python data or read a value on the host")
 
     for name in ("tensor", "equal", "as_tensor"):
         monkeypatch.setattr(torch, name, host_sync)
     for name in ("item", "tolist", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, host_sync)
-    result = gather_scalars(values, [3, 1])
+    result = _scalars(values, [3, 1])
     monkeypatch.undo()
     assert (result.shape, result.item()) == ((), 2.5)
-
-
-def _torch_like_parallel_apply(modules, inputs, kwargs_tup=None, devices=None):
-    """torch.nn.parallel.parallel_apply on the CPU: one thread per replica re-entering autocast with only
-    ``enabled``, as torch does for CUDA (the thread-local dtype is then the device's default)."""
-    enabled = torch.is_autocast_enabled("cpu")
-    kwargs_tup = kwargs_tup or [{}] * len(modules)
-    results = [None] * len(modules)
-
-    def worker(index):
-        with torch.autocast("cpu", enabled=enabled):
-            results[index] = modules[index](*inputs[index], **kwargs_tup[index])
-
-    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(modules))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 class AutocastProbe(nn.Module):
@@ -370,31 +346,23 @@ class AutocastProbe(nn.Module):
         return out
 
 
-def _on_fake_devices(wrapped: DataParallel, num_devices: int) -> DataParallel:
-    """Make a CPU DataParallel act as if it drove ``num_devices`` GPUs (torch skips this setup without GPUs)."""
-    wrapped.device_ids = list(range(num_devices))
-    wrapped.__dict__["src_device_obj"] = torch.device("cpu")
-    wrapped.__dict__["output_device"] = 0
-    wrapped.__dict__["dim"] = 0
-    return wrapped
-
-
+@needs_no_gpu
 def test_replicas_run_under_the_callers_autocast_dtype(monkeypatch):
     probe = AutocastProbe()
     # fp16 is not CPU autocast's default (bf16), just as bf16 is not CUDA's default (fp16): pytorch #125186
     with torch.autocast("cpu", dtype=torch.float16):
-        plain = _torch_like_parallel_apply([probe, probe], [(torch.randn(1, 2),)] * 2)
+        plain = cpu_parallel_apply([probe, probe], [(torch.randn(1, 2),)] * 2)
     assert {entry[1] for entry in probe.seen} == {torch.bfloat16}  # the bug our wrapper fixes
     assert all(out.dtype == torch.bfloat16 for out in plain)
     probe.seen.clear()
-    monkeypatch.setattr(wrap_module, "_parallel_apply", _torch_like_parallel_apply)
-    wrapped = _on_fake_devices(DataParallel(probe), 2)
-    with torch.autocast("cpu", dtype=torch.float16):
-        outputs = wrapped.parallel_apply([probe, probe], [(torch.randn(1, 2),)] * 2, None)
-    assert probe.seen == [(True, torch.float16, torch.float16)] * 2
-    assert [out.dtype for out in outputs] == [torch.float16] * 2
-    probe.seen.clear()
-    wrapped.parallel_apply([probe, probe], [(torch.randn(1, 2),)] * 2, None)  # no autocast: stays off
+    wrapped = wrap(probe, runtime=DP_ON_CPU)
+    with fake_gpus(monkeypatch, wrapped, 2):
+        with torch.autocast("cpu", dtype=torch.float16):
+            outputs = wrapped.parallel_apply([probe, probe], [(torch.randn(1, 2),)] * 2, None)
+        assert probe.seen == [(True, torch.float16, torch.float16)] * 2
+        assert [out.dtype for out in outputs] == [torch.float16] * 2
+        probe.seen.clear()
+        wrapped.parallel_apply([probe, probe], [(torch.randn(1, 2),)] * 2, None)  # no autocast: stays off
     assert [(enabled, out_dtype) for enabled, _, out_dtype in probe.seen] == [(False, torch.float32)] * 2
 
 
@@ -408,29 +376,17 @@ class AuxNet(nn.Module):
         return {"pred": pred, "aux": ((pred - target) ** 2).mean(), "parts": [Output(pred, pred.sum(1)), None]}
 
 
+@needs_no_gpu
 def test_forward_scatters_runs_replicas_and_gathers_like_the_full_batch(monkeypatch, caplog):
-    class ChunkScatter:  # torch's Scatter copies each chunk to its GPU; on the CPU a chunk is enough
-        @staticmethod
-        def apply(target_gpus, chunk_sizes, dim, tensor):
-            return tensor.chunk(len(target_gpus), dim)
-
-    class CatGather:
-        @staticmethod
-        def apply(output_device, dim, *tensors):
-            return torch.cat(tensors, dim)
-
-    monkeypatch.setattr(torch.nn.parallel.scatter_gather, "Scatter", ChunkScatter)
-    monkeypatch.setattr(wrap_module, "Gather", CatGather)
-    monkeypatch.setattr(wrap_module, "_parallel_apply", _torch_like_parallel_apply)
     torch.manual_seed(0)
     net = AuxNet()
-    wrapped = _on_fake_devices(DataParallel(net), 2)
-    replicated = []
-    monkeypatch.setattr(wrapped, "replicate", lambda module, ids: replicated.append(list(ids)) or [module] * len(ids))
+    wrapped = wrap(net, runtime=DP_ON_CPU)
     x, target = torch.randn(5, 3), torch.randn(5, 2)
     full = net(x, target)
     (full_grad,) = torch.autograd.grad(full["aux"], net.linear.weight)
-    with caplog.at_level(logging.WARNING, logger="autoparallel"):
+    replicated = []
+    with fake_gpus(monkeypatch, wrapped, 2), caplog.at_level(logging.WARNING, logger="autoparallel"):
+        monkeypatch.setattr(wrapped, "replicate", lambda module, ids: replicated.append(list(ids)) or [module] * 2)
         merged = wrapped(x, target=target)
     assert replicated == [[0, 1]]
     assert wrapped._split_sizes == [3, 2]

@@ -1,8 +1,8 @@
 """Worker for test_ddp.py::test_distributed_evaluation_counts_every_sample_once (torchrun, 2 processes).
 
-7 samples on 2 ranks: rank 0 evaluates 4 batches of 1, rank 1 evaluates 3, so the ranks run different
-numbers of forward passes. The model has BatchNorm and takes one training step under DDP first, which
-leaves each rank with different running statistics until model.eval() synchronises them.
+7 samples on 2 ranks, a global batch of 2: rank 0 evaluates 4 samples and rank 1 3, each in 3 batches. The
+model has BatchNorm and takes one training step under DDP first, which updates each rank's running
+statistics from its own shard; the wrapper then gives every rank rank 0's.
 """
 from __future__ import annotations
 

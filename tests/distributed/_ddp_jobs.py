@@ -32,12 +32,35 @@ def start_job(command: list[str], env: dict[str, str]) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), found before anything is killed: torchrun's workers run in
+    sessions of their own, so killing torchrun's process group leaves them holding the output pipe."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 def finish_job(process: subprocess.Popen, timeout: float = JOB_TIMEOUT_S) -> tuple[int, str]:
-    """Waits for ``process``; on timeout kills its session (torchrun and every worker) and fails the test."""
+    """Waits for ``process``; on timeout kills it and everything it started, and fails the test."""
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        for pid in [*_descendants(process.pid), process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         output, _ = process.communicate()
         pytest.fail(f"{' '.join(process.args)} did not finish in {timeout:.0f} s (a hang). Output:\n{output[-4000:]}")
     return process.returncode, output

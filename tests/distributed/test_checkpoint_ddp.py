@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoparallel.checkpoint import load_checkpoint, save_checkpoint
-from autoparallel.ema import EMA
+from autoparallel import EMA, load_checkpoint, save_checkpoint
 
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 import autoparallel as ap
-from autoparallel.ddp import DistributedModel, wrap_ddp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ddp_jobs import torchrun_result  # noqa: E402
@@ -39,12 +38,12 @@ class Net(nn.Module):
 @pytest.mark.usefixtures("single_process_group")
 def test_wrapper_behaves_like_the_model() -> None:
     plain = Net()
-    model = wrap_ddp(plain, CPU_DDP)
+    model = ap.wrap(plain, runtime=CPU_DDP)
 
-    assert isinstance(model, DistributedModel)
+    assert type(model).__name__ == "DistributedModel"
     assert model.module is plain
     assert ap.unwrap(model) is plain
-    assert wrap_ddp(model, CPU_DDP) is model
+    assert ap.wrap(model, runtime=CPU_DDP) is model
     assert list(model.state_dict()) == list(plain.state_dict())  # no "module." prefix
     assert [name for name, _ in model.named_parameters()] == [name for name, _ in plain.named_parameters()]
     assert model.backbone is plain.backbone
@@ -57,7 +56,7 @@ def test_wrapper_behaves_like_the_model() -> None:
 @pytest.mark.usefixtures("single_process_group")
 def test_wrapper_follows_requires_grad_changes_from_fully_frozen_to_trainable() -> None:
     plain = Net().requires_grad_(False)
-    model = wrap_ddp(plain, CPU_DDP)  # DDP refuses a module with nothing to train; the wrapper waits
+    model = ap.wrap(plain, runtime=CPU_DDP)  # DDP refuses a module with nothing to train; the wrapper waits
     assert model(torch.randn(2, 3)).requires_grad is False
 
     model.head.requires_grad_(True)
@@ -71,27 +70,34 @@ def test_wrapper_follows_requires_grad_changes_from_fully_frozen_to_trainable() 
 
 @pytest.mark.usefixtures("single_process_group")
 def test_sync_bn_on_the_cpu_keeps_batchnorm_with_a_warning(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="autoparallel.ddp"):
-        model = wrap_ddp(Net(), CPU_DDP, sync_bn=True)
+    with caplog.at_level(logging.WARNING, logger="autoparallel"):
+        model = ap.wrap(Net(), runtime=CPU_DDP, sync_bn=True)
     assert type(model.norm) is nn.BatchNorm1d
     assert "sync_bn=True ignored on cpu" in caplog.text
 
 
-def test_collectives_are_identities_outside_ddp() -> None:
+def test_collectives_gather_and_reduce_one_process_outside_ddp() -> None:
     values = torch.tensor([1.0, 2.0])
-    assert ap.all_gather(values) is values
-    assert ap.all_reduce(values, op="mean") is values
+    assert torch.equal(ap.all_gather(values), values)
+    assert torch.equal(ap.all_reduce(values, op="mean"), values)
+    assert ap.all_gather(torch.tensor(3.0)).shape == (1,)  # a 0-dim tensor is one row, as under DDP
     assert ap.broadcast_object({"run": 1}) == {"run": 1}
     ap.barrier()
     with pytest.raises(ValueError, match=r"all_reduce\(op='avg'\) is not supported: use one of sum, mean, max, min"):
         ap.all_reduce(values, op="avg")
 
 
-def test_wrap_ddp_refuses_wrapped_models_and_a_missing_process_group() -> None:
-    with pytest.raises(TypeError, match=r"already wrapped in DataParallel: pass the plain model"):
-        wrap_ddp(nn.DataParallel(Net()), CPU_DDP)
-    with pytest.raises(RuntimeError, match=r"needs an initialised process group: call autoparallel.runtime\(\)"):
-        wrap_ddp(Net(), CPU_DDP)
+@pytest.mark.usefixtures("single_process_group")
+def test_ddp_refuses_a_user_ddp_before_or_after_wrap() -> None:
+    with pytest.raises(ValueError, match=r"already wrapped in DistributedDataParallel, whose gradient hooks"):
+        ap.wrap(nn.parallel.DistributedDataParallel(Net()), runtime=CPU_DDP)
+    with pytest.raises(ValueError, match=r"already distributed by autoparallel.wrap.*remove the DistributedData"):
+        nn.parallel.DistributedDataParallel(ap.wrap(Net(), runtime=CPU_DDP))
+
+
+def test_ddp_without_a_process_group_says_how_to_get_one() -> None:
+    with pytest.raises(ValueError, match=r"DDP needs an initialised process group: call autoparallel.runtime\(\)"):
+        ap.wrap(Net(), runtime=CPU_DDP)
 
 
 @pytest.mark.distributed
@@ -117,7 +123,9 @@ def test_ddp_matches_single_process_with_accumulation() -> None:
 def test_distributed_evaluation_counts_every_sample_once() -> None:
     result = torchrun_result("_ddp_eval.py")
 
-    assert result["per_rank_batches"] == [4, 3]  # 7 samples, 1 per rank per batch: uneven, no padding
+    # 7 samples, 1 per rank per batch: 4 on rank 0 and 3 on rank 1, cut into 3 batches each (no padding), so a
+    # gather per batch could not wait for a rank that has run out.
+    assert result["per_rank_batches"] == [3, 3]
     assert result["gathered_indices"] == [0, 1, 2, 3, 4, 5, 6]
     assert result["count"] == 7
     # Batches of 1 on two ranks against one batch of 7: float tolerance (measured 3e-8); a missing or

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from autoparallel.launch import launch, launch_command, requested_processes
+from autoparallel import launch, requested_processes
+from autoparallel.launch import launch_command
 
 # the module, not the function that autoparallel/__init__.py exports under the same name
 launch_module = importlib.import_module("autoparallel.launch")
@@ -78,7 +79,8 @@ def test_launch_returns_under_a_launcher_or_when_not_asked(monkeypatch) -> None:
     monkeypatch.setattr(launch_module.subprocess, "Popen", no_subprocess)
     monkeypatch.setattr(launch_module, "_visible_gpus", lambda: 0)
     for name in ("AUTOPARALLEL_NPROC", "AUTOPARALLEL_STRATEGY", "RANK", "LOCAL_RANK", "WORLD_SIZE",
-                 "AUTOPARALLEL_LAUNCHED", "SLURM_NTASKS", "SLURM_PROCID", "TORCHELASTIC_ERROR_FILE"):
+                 "AUTOPARALLEL_LAUNCHED", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+                 "TORCHELASTIC_ERROR_FILE"):
         monkeypatch.delenv(name, raising=False)
     assert launch() is None  # CPU, nothing asked
     monkeypatch.setenv("AUTOPARALLEL_NPROC", "2")
@@ -88,6 +90,7 @@ def test_launch_returns_under_a_launcher_or_when_not_asked(monkeypatch) -> None:
         monkeypatch.delenv(launcher_var)
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     assert launch() is None  # srun started the tasks
 
 

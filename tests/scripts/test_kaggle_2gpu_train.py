@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from autoparallel.runtime import Hardware
+from autoparallel import Hardware
 from camoxpert import kaggle, presets
 from camoxpert.synthetic import MARKER_FILE
 

@@ -1,0 +1,226 @@
+"""Our ``nn.DataParallel``: a drop-in for the model, whose outputs come back with their one-GPU values.
+
+``nn.DataParallel`` concatenates every output tensor along the batch dimension, so a 0-dim loss comes back
+as one value per GPU, and it hides the model behind ``.module``. The merge rule here, applied at any
+depth of what ``forward`` returns (:func:`merge_outputs`):
+
+* a tensor with a batch dimension: concatenated, as torch does;
+* a 0-dim float tensor or a Python float is a mean (a loss): averaged, weighted by each replica's share
+  of the batch, which gives the full batch's mean; a sum-reduced loss would need a sum, so return means;
+* a 0-dim integer tensor or a Python int is a count: summed; a bool (tensor or Python) is a flag: true
+  when any replica's is;
+* dicts, lists, tuples, namedtuples and dataclasses: merged field by field; strings and None must agree;
+* anything else (an object holding tensors) is refused with the fix, never silently taken from replica 0.
+
+The model's own attributes win over DataParallel's: a model with ``dim``, ``device_ids`` or
+``output_device`` attributes keeps them, and DataParallel keeps its settings under private names.
+Replicas run under the caller's autocast dtype (torch's threads would fall back to fp16 under bf16).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from itertools import chain
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel._functions import Gather
+from torch.nn.parallel.parallel_apply import parallel_apply as _parallel_apply
+from torch.nn.parallel.scatter_gather import scatter_kwargs
+
+from .dropin import DropInWrapper, unwrap
+
+logger = logging.getLogger(__name__)
+
+
+def dataparallel_split(batch_size: int, num_gpus: int) -> list[int]:
+    """The per-GPU batch sizes DataParallel produces (torch.chunk: ceil-sized pieces, maybe fewer than GPUs)."""
+    if batch_size <= 0 or num_gpus <= 0:
+        return []
+    piece = math.ceil(batch_size / num_gpus)
+    return [min(piece, batch_size - start) for start in range(0, batch_size, piece)]
+
+
+def split_warning(batch_size: int, num_gpus: int) -> str | None:
+    """A message when a batch of ``batch_size`` leaves GPUs idle or loads them unevenly, else None."""
+    sizes = dataparallel_split(batch_size, num_gpus)
+    if batch_size < num_gpus:
+        return (f"DataParallel got a batch of {batch_size} for {num_gpus} GPUs: only {len(sizes)} GPU(s) get work. "
+                f"Use a batch size of at least {num_gpus}, ideally a multiple of {num_gpus}")
+    if len(set(sizes)) > 1 or len(sizes) < num_gpus:
+        idle = f", leaving {num_gpus - len(sizes)} GPU(s) idle" if len(sizes) < num_gpus else ""
+        return (f"DataParallel split a batch of {batch_size} over {num_gpus} GPUs as {sizes}{idle}: the GPUs wait "
+                f"for the largest share. Use a batch size divisible by {num_gpus} for an even split "
+                f"(scalar outputs are still weighted correctly)")
+    return None
+
+
+def _merge_scalars(values: Sequence[torch.Tensor], weights: Sequence[float], device: torch.device | None) -> Any:
+    moved = [value.to(values[0].device if device is None else device) for value in values]
+    first = moved[0]
+    if first.dtype == torch.bool:
+        return torch.stack(moved).any()
+    if not (first.is_floating_point() or first.is_complex()):
+        return torch.stack(moved).sum()
+    # Accumulate in at least fp32 so fp16 losses keep their precision; Python-float weights, because a
+    # tensor of weights would be a blocking host-to-device copy on every forward.
+    dtype = torch.promote_types(first.dtype, torch.float32)
+    total = float(sum(weights))
+    terms = [value.to(dtype) * (float(weight) / total) for value, weight in zip(moved, weights)]
+    return sum(terms[1:], terms[0]).to(first.dtype)
+
+
+def merge_outputs(outputs: Sequence[Any], split_sizes: Sequence[int] | None,
+                  gather_tensors: Callable[[list[torch.Tensor]], torch.Tensor],
+                  device: torch.device | None = None) -> Any:
+    """One output from one per replica, by the rule of the module docstring."""
+    weights = list(split_sizes) if split_sizes is not None else [1] * len(outputs)
+    if len(weights) != len(outputs):
+        raise ValueError(f"DataParallel got {len(outputs)} replica outputs but {len(weights)} batch shares")
+
+    def merge(values: Sequence[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            return _merge_scalars(values, weights, device) if first.dim() == 0 else gather_tensors(list(values))
+        if isinstance(first, Mapping):
+            if any(set(value) != set(first) for value in values):
+                raise ValueError("DataParallel replicas returned dicts with different keys")
+            merged = [(key, merge([value[key] for value in values])) for key in first]
+            try:
+                return type(first)(merged)
+            except TypeError:
+                return dict(merged)
+        if dataclasses.is_dataclass(first) and not isinstance(first, type):
+            fields = dataclasses.fields(first)
+            if all(field.init for field in fields):
+                return type(first)(**{f.name: merge([getattr(value, f.name) for value in values]) for f in fields})
+        if isinstance(first, (list, tuple)):
+            if any(len(value) != len(first) for value in values):
+                raise ValueError("DataParallel replicas returned sequences of different lengths")
+            items = [merge(group) for group in zip(*values)]
+            return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
+        if isinstance(first, bool):
+            return any(values)
+        if isinstance(first, int):
+            return sum(values)
+        if isinstance(first, float):
+            return sum(w * v for w, v in zip(weights, values)) / sum(weights)
+        if all(value is first for value in values) or (
+                (first is None or isinstance(first, (str, bytes))) and all(value == first for value in values)):
+            return first
+        raise TypeError(f"DataParallel cannot merge the {type(first).__name__} objects returned by the "
+                        f"{len(values)} replicas (one per GPU): return a tensor, a dict, a tuple or a dataclass of "
+                        "tensors and numbers from forward, or run one process per GPU with DDP (ap.launch())")
+
+    return merge(outputs)
+
+
+def _first_batch_size(obj: Any, dim: int) -> int | None:
+    """Size of ``dim`` of the first tensor in a replica's inputs (depth first): the replica's batch share."""
+    if isinstance(obj, torch.Tensor):
+        return obj.shape[dim] if obj.dim() > dim else None
+    children = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
+    for child in children:
+        size = _first_batch_size(child, dim)
+        if size is not None:
+            return size
+    return None
+
+
+class _AutocastReplica:
+    """Calls one replica under the autocast state of the thread that called ``forward``.
+
+    torch's ``parallel_apply`` re-enters autocast in each worker thread passing only ``enabled``, and the
+    autocast dtype is thread-local, so under bf16 the replicas would run fp16 without a scaler
+    (pytorch issue #125186). The state is captured when this object is built, in the calling thread.
+    """
+
+    def __init__(self, module: Callable[..., Any], device_type: str) -> None:
+        self.module, self.device_type = module, device_type
+        self.enabled = torch.is_autocast_enabled(device_type) if hasattr(torch, "get_autocast_dtype") else (
+            torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled())
+        self.dtype = torch.get_autocast_dtype(device_type) if hasattr(torch, "get_autocast_dtype") else (
+            torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype())
+        self.cache_enabled = torch.is_autocast_cache_enabled()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled, cache_enabled=self.cache_enabled):
+            return self.module(*args, **kwargs)
+
+
+def _setting(name: str, default: Any) -> property:
+    """DataParallel's ``name``, unless the model has an attribute of that name, which then wins."""
+    private = f"_dp_{name}"
+
+    def model_has(self: DataParallel) -> bool:
+        return bool(self.__dict__.get("_forwarding_ready")) and hasattr(unwrap(self), name)
+
+    def get(self: DataParallel) -> Any:
+        return getattr(unwrap(self), name) if model_has(self) else self.__dict__.get(private, default)
+
+    def set_(self: DataParallel, value: Any) -> None:
+        if model_has(self):
+            setattr(unwrap(self), name, value)
+        else:
+            self.__dict__[private] = value
+
+    return property(get, set_)
+
+
+class DataParallel(DropInWrapper, nn.DataParallel):
+    """``nn.DataParallel`` that stays a drop-in for the model and merges outputs by the module's rule."""
+
+    _autoparallel_wrapper = True
+    _SETTING_NAMES = {"dim": "_dp_dim", "device_ids": "_dp_device_ids", "output_device": "_dp_output_device"}
+    dim = _setting("dim", 0)
+    device_ids = _setting("device_ids", [])
+    output_device = _setting("output_device", None)
+
+    def __init__(self, module: nn.Module, device_ids: Sequence[int] | None = None, output_device: int | None = None,
+                 dim: int = 0) -> None:
+        super().__init__(module, device_ids, output_device, dim)
+        self.__dict__.update(_split_sizes=None, _warned_splits=set())
+        self._drop_in()
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        ids = self.__dict__.get("_dp_device_ids", [])
+        if not ids:
+            return self.module(*inputs, **kwargs)
+        for tensor in chain(self.module.parameters(), self.module.buffers()):
+            if tensor.device != self.src_device_obj:
+                raise RuntimeError(f"DataParallel needs the model's parameters and buffers on {self.src_device_obj} "
+                                   f"(its first GPU) but found one on {tensor.device}: move the model there first")
+        inputs, kwargs = self.scatter(inputs, kwargs, ids)
+        if not inputs and not kwargs:
+            inputs, kwargs = ((),), ({},)
+        if len(ids) == 1:
+            return self.module(*inputs[0], **kwargs[0])
+        replicas = self.replicate(self.module, ids[: len(inputs)])
+        return self.gather(self.parallel_apply(replicas, inputs, kwargs), self.__dict__.get("_dp_output_device"))
+
+    def scatter(self, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, device_ids: Sequence[Any]) -> Any:
+        dim = self.__dict__.get("_dp_dim", 0)
+        scattered_inputs, scattered_kwargs = scatter_kwargs(inputs, kwargs, device_ids, dim=dim)
+        sizes = [_first_batch_size((args, kw), dim) for args, kw in zip(scattered_inputs, scattered_kwargs)]
+        self.__dict__["_split_sizes"] = None if not sizes or None in sizes else sizes
+        if self._split_sizes is not None:
+            message = split_warning(sum(self._split_sizes), len(device_ids))
+            if message and (sum(self._split_sizes), len(device_ids)) not in self._warned_splits:
+                self._warned_splits.add((sum(self._split_sizes), len(device_ids)))
+                logger.warning(message)
+        return scattered_inputs, scattered_kwargs
+
+    def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
+        # torch's parallel_apply only calls module(*input, **kwargs), so a callable can stand in for a replica.
+        runners = [_AutocastReplica(replica, self.src_device_obj.type) for replica in replicas]
+        return _parallel_apply(runners, inputs, kwargs, self.__dict__["_dp_device_ids"][: len(replicas)])
+
+    def gather(self, outputs: Any, output_device: Any) -> Any:
+        device = torch.device(self.src_device_obj.type, output_device) if isinstance(output_device, int) \
+            else torch.device(output_device)
+        dim = self.__dict__.get("_dp_dim", 0)
+        return merge_outputs(outputs, self._split_sizes, lambda tensors: Gather.apply(output_device, dim, *tensors),
+                             device)

@@ -1,0 +1,145 @@
+"""What makes our wrappers drop-ins for the model they hold in ``.module``.
+
+Attributes the wrapper does not own are read, written and deleted on the model. Names have no wrapper
+segment anywhere: ``state_dict()``, ``load_state_dict()``, ``named_modules()``, ``named_parameters()`` and
+``named_buffers()`` use the model's own names, also when the wrapper sits inside a container module or
+under ``torch.compile``, and ``load_state_dict`` also takes dicts saved with ``module.`` prefixes. The names
+are rewritten by state-dict hooks at the wrapper's level, which torch runs at any depth of the tree.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+from torch.nn.modules import module as _module_hooks
+
+_WRAPPER_SEGMENTS = ("module", "_orig_mod")  # DataParallel/DDP keep the model in .module, torch.compile in ._orig_mod
+
+
+_generation = [0]
+
+
+def _bump(*_: Any) -> None:
+    _generation[0] += 1
+
+
+_module_hooks.register_module_parameter_registration_hook(_bump)
+_module_hooks.register_module_module_registration_hook(_bump)
+
+
+def structure_generation() -> int:
+    """A counter that moves whenever any module registers a parameter or a submodule (``model.fc = ...``).
+
+    Wrappers and the EMA compare it with the value they saw, instead of listing the model's tensors again
+    on every step to notice a changed model.
+    """
+    return _generation[0]
+
+
+def canonical(key: str) -> str:
+    """A state-dict key without wrapper segments."""
+    return ".".join(part for part in key.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def is_parallel_wrapper(model: object) -> bool:
+    return isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or bool(
+        getattr(type(model), "_autoparallel_wrapper", False))
+
+
+def inner(model: nn.Module) -> nn.Module | None:
+    """The module one wrapper down, or None when ``model`` is not a wrapper."""
+    if is_parallel_wrapper(model):
+        return model.module
+    return model._modules.get("_orig_mod") if isinstance(model, nn.Module) else None  # torch.compile
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under any stack of DataParallel, DDP, ``torch.compile`` and autoparallel wrappers."""
+    below = inner(model)
+    while below is not None:
+        model, below = below, inner(below)
+    return model
+
+
+class DropInWrapper:
+    """Mixin placed before ``nn.Module`` in a wrapper's bases; call :meth:`_drop_in` at the end of ``__init__``.
+
+    Until then every attribute is the wrapper's own (``nn.DataParallel`` sets public ones such as
+    ``device_ids`` after ``module``). Private names the model does not have stay on the wrapper.
+    """
+
+    def _drop_in(self) -> None:
+        self._register_state_dict_hook(DropInWrapper._strip_prefix)
+        self._register_load_state_dict_pre_hook(DropInWrapper._add_prefix, with_module=True)
+        self.register_load_state_dict_post_hook(DropInWrapper._report_without_prefix)
+        self.__dict__["_forwarding_ready"] = True
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name == "module" or "module" not in modules:
+                raise
+            return getattr(modules["module"], name)
+
+    def _forwards(self, name: str) -> bool:
+        if not self.__dict__.get("_forwarding_ready"):
+            return False
+        owned = (name in self.__dict__ or name in self._parameters or name in self._buffers
+                 or name in self._modules or hasattr(type(self), name))
+        return not owned and (not name.startswith("_") or hasattr(unwrap(self), name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._forwards(name):
+            setattr(unwrap(self), name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._forwards(name):
+            delattr(unwrap(self), name)
+        else:
+            super().__delattr__(name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(unwrap(self))))
+
+    def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+        """The model's modules under the model's names: the wrapper stands where the model is."""
+        memo = set() if memo is None else memo
+        layer: nn.Module = self
+        while layer is not unwrap(self):  # the wrapper and any torch.compile layer are not listed
+            memo.add(layer)
+            layer = inner(layer)
+        yield from layer.named_modules(memo, prefix, remove_duplicate)
+
+    @staticmethod
+    def _strip_prefix(module: nn.Module, state: dict[str, Any], prefix: str, _metadata: Any) -> None:
+        ours = prefix + "module."
+        for key in [key for key in state if key.startswith(ours)]:
+            rest = key[len(ours):]
+            while rest.startswith("_orig_mod."):
+                rest = rest[len("_orig_mod."):]
+            state[prefix + rest] = state.pop(key)
+
+    @staticmethod
+    def _add_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+        module.__dict__["_load_prefix"] = prefix
+        by_canonical: dict[str, str | None] = {}
+        for key in module._modules["module"].state_dict(keep_vars=True):
+            name = canonical(key)
+            by_canonical[name] = None if name in by_canonical else "module." + key  # ambiguous: exact names only
+        for key in [key for key in state if key.startswith(prefix)]:
+            target = by_canonical.get(canonical(key[len(prefix):]))
+            if target is not None and prefix + target != key:
+                state[prefix + target] = state.pop(key)
+
+    @staticmethod
+    def _report_without_prefix(module: nn.Module, incompatible: Any) -> None:
+        ours = module.__dict__.get("_load_prefix", "") + "module."
+        for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+            keys[:] = [key.replace(ours, ours[: -len("module.")], 1) if key.startswith(ours) else key
+                       for key in keys]
