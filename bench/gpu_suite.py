@@ -22,18 +22,20 @@ and any item whose packages are missing (named, e.g. accelerate or pytest). None
 `camoxpert.metrics`, so pysodmetrics (and its scipy / scikit-image / OpenCV wheels) is not needed.
 
 On a lent GPU machine (torch, timm, accelerate and tqdm installed, no network, so nothing installs from
-an index), pytest is the only package the suite needs that may be missing. Bring it as wheels, in a
-git-ignored folder that the device tool carries (pure-Python wheels, under 2 MiB together):
+an index), pytest is the only package the suite needs that may be missing (without it `gpu_tests` is
+skipped, naming it). Bring it as pure-Python wheels (2 MiB) in a git-ignored folder that the device tool
+carries, and install them into another git-ignored folder (no write to the machine's site-packages):
 
-    # here, with the package index:
-    python -m pip download --only-binary=:all: --no-deps -d bench/results/wheels \\
-        pytest pluggy iniconfig packaging exceptiongroup tomli
-    # on the device machine (device tool `run`, carry ["bench/results/wheels"], timeout_s 600):
-    python -m pip install --no-index --find-links bench/results/wheels pytest || true
-    python bench/gpu_suite.py --device cuda --out $OUT/gpu_suite
+    # here, with the package index (--python-version 3.9 instead where the device's Python is 3.9):
+    python -m pip download --only-binary=:all: --python-version 3.10 -d bench/results/wheels \\
+        pytest exceptiongroup tomli
+    # on the device machine: the device tool's run, carry ["bench/results/wheels"], timeout_s 600:
+    python -c "import pytest" 2>/dev/null || python -m pip install -q --no-index \\
+        --find-links bench/results/wheels --target bench/results/pylib pytest
+    PYTHONPATH=$PWD/bench/results/pylib python bench/gpu_suite.py --device cuda --out $OUT/gpu_suite
 
-`--only gpu_tests` reruns the tests alone after a failed install. The table for docs/benchmarks.md is
-`$OUT/gpu_suite/gpu_suite.md`.
+`$OUT/gpu_suite/gpu_suite.md` is the table for docs/benchmarks.md; `--only NAME,...` with the same `--out`
+reruns what failed.
 """
 from __future__ import annotations
 
