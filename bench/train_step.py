@@ -4,16 +4,17 @@
     python bench/train_step.py --device cuda                     # GPU: batch 8, fp32 vs fp16 (+scaler) vs bf16
     python bench/train_step.py --device cuda --channels-last both --cudnn-benchmark
     python bench/train_step.py --device cuda --compile both --precisions bf16
+    python bench/train_step.py --device cuda --variants fp32,bf16,bf16+cl,bf16+cudnn,bf16+compile
     python bench/train_step.py --backbone edgenext_xx_small --img-size 128   # the CPU demo's model
 
 One step is forward (under autocast for fp16/bf16), CODLoss (deep supervision + MoE balancing loss),
 backward (through a GradScaler for fp16), AdamW step, exactly as the training engine does it, on
 random images and masks already on the device (data loading is benchmarked in bench/data_pipeline.py).
-Variants are the product of --precisions x --channels-last x --compile, each with its own copy of the
-same initial weights, timed interleaved (blocks of steps of every variant in rotated order, several
-rounds). Peak memory: torch.cuda.max_memory_allocated per variant on a GPU; on the CPU each variant is
-also run once in a fresh subprocess (a probe) whose peak resident set size (ru_maxrss) is reported,
-because one process's high-water mark cannot be split between variants.
+Variants are the product of --precisions x --channels-last x --compile (or the explicit --variants list),
+each with its own copy of the same initial weights, timed interleaved (blocks of steps of every variant in
+rotated order, several rounds). Peak memory: torch.cuda.max_memory_allocated per variant on a GPU; on the
+CPU each variant is also run once in a fresh subprocess (a probe) whose peak resident set size (ru_maxrss)
+is reported, because one process's high-water mark cannot be split between variants.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from camoxpert.losses import CODLoss  # noqa: E402
 from camoxpert.model import CamoXpert  # noqa: E402
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANT_OPTIONS = ("cl", "cudnn", "compile", "dp")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,7 +72,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                           help="NHWC memory format for model and input (default: no)")
     variants.add_argument("--compile", choices=["no", "yes", "both"], default="no",
                           help="torch.compile the model (default: no; compiling takes minutes on a CPU)")
-    variants.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    variants.add_argument("--cudnn-benchmark", action="store_true",
+                          help="torch.backends.cudnn.benchmark = True for every variant")
+    variants.add_argument("--variants", default=None, metavar="NAME,...",
+                          help="measure exactly these variants instead of the product above, the first being the "
+                               "baseline of the speed-up column: PRECISION[+cl][+cudnn][+compile][+dp], where +cl "
+                               "is channels_last, +cudnn turns cudnn.benchmark on for that variant only (so it is "
+                               "interleaved with variants that have it off), +dp is DataParallel over every "
+                               "visible GPU; e.g. fp32,bf16,bf16+cl,bf16+cudnn,bf16+compile")
     timing = parser.add_argument_group("timing")
     timing.add_argument("--batch-size", type=int, default=None, help="default: 2 on CPU, 8 on CUDA")
     timing.add_argument("--steps-per-block", type=int, default=None, help="default: 2 on CPU, 10 on CUDA")
@@ -90,6 +99,20 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
                                        ("warmup", 1, 5)]:
         if getattr(args, name) is None:
             setattr(args, name, gpu_value if on_gpu else cpu_value)
+    if args.variants is not None:
+        names = [name.strip() for name in args.variants.split(",") if name.strip()]
+        if not names:
+            raise SystemExit("--variants is empty: give e.g. fp32,bf16")
+        for name in names:
+            unknown = [option for option in name.split("+")[1:] if option not in VARIANT_OPTIONS]
+            if unknown:
+                raise SystemExit(f"--variants {args.variants}: {name!r} has unknown options {unknown}; "
+                                 f"write PRECISION[+{'][+'.join(VARIANT_OPTIONS)}], e.g. bf16+cl")
+            if "+dp" in name and (not on_gpu or torch.cuda.device_count() < 2):
+                raise SystemExit(f"--variants {name}: DataParallel needs 2 or more GPUs, "
+                                 f"this process sees {torch.cuda.device_count() if on_gpu else 0}")
+        args.variants = ",".join(names)
+        args.precisions = ",".join(dict.fromkeys(name.split("+")[0] for name in names))
     if args.precisions is None:
         precisions = ["fp32", "fp16", "bf16"] if on_gpu else ["fp32", "bf16"]
         if on_gpu and not torch.cuda.is_bf16_supported():
@@ -103,7 +126,10 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def variant_names(args: argparse.Namespace) -> list[str]:
-    """'fp32', 'bf16+cl', 'fp16+compile', ...: one per combination asked for."""
+    """'fp32', 'bf16+cl', 'fp16+compile', ...: one per combination asked for (or the --variants list)."""
+    if args.variants is not None:
+        return args.variants.split(",")
+
     def options(choice: str) -> list[bool]:
         return {"no": [False], "yes": [True], "both": [False, True]}[choice]
 
@@ -123,8 +149,9 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
 def make_step(name: str, reference: torch.nn.Module, args: argparse.Namespace, device: torch.device):
     """The training step of one variant, with its own model copy, optimizer and scaler."""
-    precision = name.split("+")[0]
-    channels_last = "+cl" in name
+    precision, *options = name.split("+")
+    channels_last = "cl" in options
+    cudnn_benchmark = args.cudnn_benchmark or "cudnn" in options
     amp_dtype = AMP_DTYPES[precision]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = copy.deepcopy(reference).to(device=device, memory_format=memory_format).train()
@@ -132,7 +159,13 @@ def make_step(name: str, reference: torch.nn.Module, args: argparse.Namespace, d
         model.backbone.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    forward = torch.compile(model) if "+compile" in name else model
+    forward = torch.compile(model) if "compile" in options else model
+    if "dp" in options:
+        import autoparallel as ap
+
+        runtime = ap.Runtime(mode="dp", device=torch.device("cuda", device.index or 0),
+                             device_ids=tuple(range(torch.cuda.device_count())), precision=precision)
+        forward = ap.wrap(forward, runtime=runtime)
     criterion = CODLoss()
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)
@@ -141,6 +174,8 @@ def make_step(name: str, reference: torch.nn.Module, args: argparse.Namespace, d
     masks = masks.to(device)
 
     def step(index: int) -> None:
+        # A global flag read by every convolution: set per step, so variants with and without it interleave.
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             output = forward(images)
             loss, _parts = criterion(output, masks)
@@ -201,7 +236,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     reference = build_model(args)
     parameters = sum(p.numel() for p in reference.parameters())
     steps = {name: make_step(name, reference, args, device) for name in names}
-    warmup = args.warmup + (3 if args.compile != "no" else 0)
+    warmup = args.warmup + (3 if any("+compile" in name for name in names) else 0)
     peaks = {name: 0 for name in names}
     if device.type == "cuda":
         # Peak per variant: the allocator's counters are host-side, so resetting them before every step
