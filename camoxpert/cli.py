@@ -14,6 +14,7 @@ import autoparallel as ap
 
 from . import placement
 from .errors import report, user_message
+from .layout import detect_layout
 from .run_dir import claim
 from .schedule import SCHEDULERS
 
@@ -268,7 +269,8 @@ def validate_train_args(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 
 def _run(args: argparse.Namespace, processes: int | None) -> int:
-    if args.command == "train":
+    if args.command == "train":  # the cheap checks, before any process is started
+        detect_layout(args.dataset_path)
         claim(args.checkpoint_dir, resume_from=args.resume_from, overwrite=args.overwrite)
     if processes is None:
         processes = placement.process_count(args.strategy, args.device, os.environ, placement.visible_gpus())

@@ -257,6 +257,14 @@ def test_a_checkpoint_error_prints_one_line_and_exits_2(tmp_path):
                                                      f"{tmp_path} has none\n")
 
 
+def test_a_wrong_dataset_path_is_reported_before_any_process_starts(tmp_path):
+    result = _script("train", "--dataset-path", str(tmp_path / "nope"), "--checkpoint-dir", str(tmp_path / "c"),
+                     *TINY, env={"AUTOPARALLEL_NPROC": "2"})
+    assert (result.returncode, result.stderr) == (2, f"error: data set path {tmp_path / 'nope'} does not exist or is "
+                                                     "not a folder: pass --dataset-path DIR\n")
+    assert result.stdout == ""  # no DDP job was started for it
+
+
 @pytest.mark.distributed
 def test_under_ddp_a_user_error_is_printed_once_and_exits_2(data, tmp_path):
     (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
@@ -317,7 +325,7 @@ def test_our_own_bugs_keep_their_traceback(monkeypatch, tmp_path):
         main(["evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu"])
 
 
-def test_a_gpu_out_of_memory_names_the_flags_that_fix_it(monkeypatch, tmp_path, capsys):
+def test_a_gpu_out_of_memory_names_the_flags_that_fix_it(data, monkeypatch, tmp_path, capsys):
     import camoxpert.train
 
     def out_of_memory(args):
@@ -325,8 +333,17 @@ def test_a_gpu_out_of_memory_names_the_flags_that_fix_it(monkeypatch, tmp_path, 
                                           "more detail")
 
     monkeypatch.setattr(camoxpert.train, "train", out_of_memory)
-    assert main(["train", "--dataset-path", str(tmp_path), "--checkpoint-dir", str(tmp_path / "c"), *TINY]) == 2
+    assert main(["train", "--dataset-path", str(data), "--checkpoint-dir", str(tmp_path / "c"), *TINY]) == 2
     assert capsys.readouterr().err == (
         "error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 14.74 GiB total)): "
         "lower --batch-size (raise --accumulation-steps to keep the effective batch), pass --img-size 288 or "
         "--gradient-checkpointing\n")
+
+
+def test_a_batch_larger_than_the_training_set_names_the_flag(data, tmp_path, capsys):
+    argv = ["train", "--dataset-path", str(data), "--checkpoint-dir", str(tmp_path / "c"), *TINY, "--batch-size", "16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the dataset has 9 samples, fewer than one global batch (--batch-size 16), so an "
+                          "epoch has no batch: lower --batch-size")
+    assert "drop_last" not in err
