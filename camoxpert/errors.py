@@ -22,8 +22,9 @@ import torch
 import autoparallel as ap
 
 _RELAY_VARIABLE = "CAMOXPERT_ERROR_FILE"
-_PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR,
-                errno.EISDIR, errno.EEXIST}
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                *_DISK_FULL}
 # Fixes the library (and camoxpert's Python API) spell as keyword arguments, as the command line spells them.
 _CLI_SPELLINGS = (
     (re.compile(r",? or pass strict=False to load only the \d+ matching tensors"),
@@ -72,7 +73,7 @@ def user_message(error: BaseException) -> str | None:
                 "--gradient-checkpointing")
     if isinstance(error, OSError) and error.errno in _PATH_ERRNOS and error.filename:
         text = f"{error.filename}: {error.strerror}"
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if error.errno in _DISK_FULL:
             text += ": free some space or pass a folder on another disk"
         return text
     return None

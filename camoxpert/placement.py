@@ -57,6 +57,7 @@ def process_count(strategy: str, device: str, env: Mapping[str, str], gpu_count:
 
 
 def visible_gpus() -> int:
+    """The GPUs this process sees (0 without CUDA)."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -347,3 +347,10 @@ def test_a_batch_larger_than_the_training_set_names_the_flag(data, tmp_path, cap
     assert err.startswith("error: the dataset has 9 samples, fewer than one global batch (--batch-size 16), so an "
                           "epoch has no batch: lower --batch-size")
     assert "drop_last" not in err
+
+
+def test_a_checkpoint_dir_that_cannot_be_made_is_one_line(data, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    folder = tmp_path / "a-file" / "checkpoints"
+    assert main(["train", "--dataset-path", str(data), "--checkpoint-dir", str(folder), *TINY]) == 2
+    assert capsys.readouterr().err == f"error: {folder}: Not a directory\n"
