@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from autoparallel.runtime import Hardware, detect_runtime
+from autoparallel import Hardware, detect_runtime
 from camoxpert import presets
 from camoxpert.cli import get_args_parser, validate_train_args
 
