@@ -1,7 +1,7 @@
 """timm feature backbones: construction, pretrained weights without a network, stage groups for unfreezing.
 
 Any timm model that supports ``features_only=True`` works; the decoder reads channels and strides from
-``feature_info`` instead of a dummy forward (upstream ran a 224 px forward on the GPU to find them).
+``feature_info``, so nothing runs a dummy forward to find them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["build_backbone", "feature_stage_groups"]
+from camoxpert.errors import MissingFileError, UserError
+
+__all__ = ["build_backbone", "feature_stage_groups", "min_input_size"]
 
 _logger = logging.getLogger(__name__)
 
@@ -56,6 +58,24 @@ def _network_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bo
         return False
 
 
+def _check_name(name: str) -> None:
+    if not timm.models.is_model(name.split(".")[0]):
+        raise UserError(f"backbone {name!r} is not a timm model: pass a name from timm.list_models(), "
+                        "e.g. edgenext_base")
+
+
+def min_input_size(name: str) -> int:
+    """The smallest square input ``name`` accepts: its deepest feature level's reduction (32 for most backbones).
+
+    Below it the deepest features have no pixel left and timm's layers fail. The backbone is built on the
+    ``meta`` device, so this allocates nothing and takes a fraction of a second.
+    """
+    _check_name(name)
+    with torch.device("meta"):
+        backbone = timm.create_model(name, features_only=True, pretrained=False)
+    return max(int(r) for r in backbone.feature_info.reduction())
+
+
 def build_backbone(
     name: str, *, pretrained: bool = False, pretrained_path: str | Path | None = None
 ) -> tuple[nn.Module, bool]:
@@ -74,21 +94,18 @@ def build_backbone(
     Returns:
         The feature backbone and whether pretrained weights were loaded.
     """
-    if not timm.models.is_model(name.split(".")[0]):
-        raise ValueError(
-            f"backbone {name!r} is not a timm model: pass a name from timm.list_models(), e.g. edgenext_base"
-        )
+    _check_name(name)
     if pretrained_path is not None:
         path = Path(pretrained_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"pretrained weights {str(path)!r} not found: pass an existing timm weight file to --pretrained-path"
             )
         try:
             model = timm.create_model(name, features_only=True, pretrained=True,
                                       pretrained_cfg_overlay={"file": str(path)})
         except Exception as error:
-            raise RuntimeError(
+            raise UserError(
                 f"could not load pretrained weights {str(path)!r} into backbone {name!r}: {error}. The file must be "
                 f"the timm classification checkpoint of {name} (a state dict)"
             ) from error

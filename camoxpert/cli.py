@@ -1,8 +1,8 @@
 """Command line of ``train_ultimate.py``: ``train``, ``evaluate`` and ``predict`` subcommands.
 
-The ``train`` flags keep the upstream CamoXpert names and meanings, so its documented command runs
-unchanged; what changed is stated in the help (``--batch-size`` is the global batch of one micro-step
-whatever the number of GPUs, and ``--accumulation-steps`` defaults to 1, not 4).
+The ``train`` flags keep CamoXpert's documented names, so its published command runs unchanged; the help
+says where a meaning differs (``--batch-size`` is the global batch of one micro-step whatever the number
+of GPUs). A user error ends the command with ``error: <message>`` and exit status 2 (:mod:`camoxpert.errors`).
 """
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from collections.abc import Sequence
 
 import autoparallel as ap
 
+from . import placement
+from .errors import report, user_message
+from .layout import detect_layout
+from .run_dir import claim
 from .schedule import SCHEDULERS
 
 METRIC_CHOICES = ("IoU", "S-measure", "E-measure", "weighted-F", "MAE")
@@ -19,8 +23,7 @@ METRIC_CHOICES = ("IoU", "S-measure", "E-measure", "weighted-F", "MAE")
 
 def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Where to run (autoparallel)")
-    group.add_argument("--device", default="auto",
-                       help="'auto', 'cpu', 'cuda', 'cuda:1' or GPU ids like '0,1' (default: auto, every visible GPU)")
+    group.add_argument("--device", default="auto", help=placement.DEVICE_HELP)
     group.add_argument("--strategy", default="auto", choices=("auto", "dp", "ddp"),
                        help="auto and ddp: one DDP process per GPU on 2+ GPUs (a plain 'python' run re-launches "
                             "itself through torch.distributed.run; under torchrun/accelerate/SLURM it joins the job); "
@@ -128,6 +131,10 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--resume-from", default=None,
                      help="checkpoint to resume from: ours restores everything, the upstream's best_model.pth "
                           "restores weights and epoch (default: none)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over in a --checkpoint-dir that holds an earlier run, removing its files first; "
+                          "without it such a folder is only used to continue that run (--resume-from) (default: off)")
+    _add_trust_arg(run)
     run.add_argument("--val-every", type=int, default=1, help="validate every N epochs and at the end (default: 1)")
     run.add_argument("--metric", default="IoU", choices=METRIC_CHOICES,
                      help="validation metric that selects best.pt (lower is better for MAE) (default: IoU)")
@@ -139,9 +146,16 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler="train")
 
 
+def _add_trust_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--trust-checkpoint", action="store_true",
+                       help="allow a checkpoint that needs pickled Python objects (older formats); unpickling can "
+                            "run arbitrary code, so only for files you made or trust (default: off)")
+
+
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Checkpoint and data")
     group.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt, last.pt or upstream .pth)")
+    _add_trust_arg(group)
     group.add_argument("--dataset-path", default=None,
                        help="data set root (default: the one the checkpoint was trained on)")
     group.add_argument("--split", default="test",
@@ -174,8 +188,8 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_checkpoint_args(parser)
     parser.add_argument("--output-dir", required=True, help="folder for the PNG masks (created if missing)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="write binary masks (0/255) at this probability instead of probability maps "
-                             "(default: probability maps)")
+                        help="write binary masks (0/255) at this probability, between 0 and 1, instead of "
+                             "probability maps (default: probability maps)")
     _add_model_args(parser, from_checkpoint=True)
     _add_runtime_args(parser)
     parser.set_defaults(handler="predict")
@@ -191,6 +205,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(subparsers)
     _add_predict_parser(subparsers)
     return parser
+
+
+def _check_img_size(parser: argparse.ArgumentParser, img_size: int, backbone: str) -> None:
+    from .backbone import min_input_size  # imports timm: only once the flags parsed
+    from .errors import UserError
+
+    try:
+        smallest = min_input_size(backbone)
+    except UserError as error:
+        parser.error(str(error))
+    if img_size < smallest:
+        parser.error(f"--img-size {img_size} is below what backbone {backbone} accepts: its deepest features are "
+                     f"{smallest} times smaller than the input, so pass --img-size {smallest} or more")
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject values any subcommand cannot use, through ``parser.error`` (exit status 2, with the fix)."""
+    if args.num_workers is not None and args.num_workers < 0:
+        parser.error(f"--num-workers must be 0 (load in the main process) or more, got {args.num_workers}")
+    if args.command == "train":
+        validate_train_args(parser, args)
+        return
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if getattr(args, "threshold", None) is not None and not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must be a probability between 0 and 1 (exclusive), got {args.threshold}: "
+                     "e.g. --threshold 0.5")
+    if args.img_size is not None:
+        if args.img_size < 1:
+            parser.error(f"--img-size must be at least 1, got {args.img_size}")
+        if args.backbone is not None:
+            _check_img_size(parser, args.img_size, args.backbone)
 
 
 def validate_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -219,61 +265,49 @@ def validate_train_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.max_steps_per_epoch is not None and args.max_steps_per_epoch < args.accumulation_steps:
         parser.error(f"--max-steps-per-epoch {args.max_steps_per_epoch} is fewer micro-batches than one optimizer "
                      f"step needs (--accumulation-steps {args.accumulation_steps})")
+    _check_img_size(parser, args.img_size, args.backbone)
 
 
-def _listed_gpus(device: str) -> int | None:
-    """How many GPUs ``--device`` names explicitly ('cuda:1' -> 1, '0,1' -> 2); None for auto/cuda/cpu."""
-    device = device.strip().lower()
-    if device in ("auto", "cuda", "gpu", "cpu"):
-        return None
-    if device.startswith("cuda:"):
-        return 1
-    return len([item for item in device.split(",") if item.strip()])
+def _run(args: argparse.Namespace, processes: int | None) -> int:
+    if args.command == "train":  # the cheap checks, before any process is started
+        detect_layout(args.dataset_path)
+        claim(args.checkpoint_dir, resume_from=args.resume_from, overwrite=args.overwrite)
+    if processes is None:
+        processes = placement.process_count(args.strategy, args.device, os.environ, placement.visible_gpus())
+    # With DDP requested from a plain `python train_ultimate.py ...`, this re-runs the script as one process
+    # per device through torch.distributed.run and returns the job's status.
+    status = placement.launch(processes)
+    if status is not None:
+        return status
+    # Imported here so that `--help` and argument errors do not pay for importing the training code.
+    from .evaluate import evaluate, predict
+    from .train import train
+
+    {"train": train, "evaluate": evaluate, "predict": predict}[args.handler](args)
+    return 0
 
 
-def launch_for(args: argparse.Namespace) -> None:
-    """Re-runs this script as DDP processes when the flags or the environment ask for it.
+def main(argv: Sequence[str] | None = None, *, processes: int | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand and return the exit status.
 
-    ``AUTOPARALLEL_NPROC=N`` always wins (N processes, gloo on the CPU). Otherwise ``--strategy dp`` and
-    ``--device cpu`` keep one process; GPUs listed in ``--device`` give one process each; ``--strategy ddp``
-    or ``auto`` on a machine with 2+ GPUs give one process per GPU. Under a launcher this returns at once.
+    Args:
+        argv: the command line after the script name.
+        processes: how many processes the run uses, when the caller has decided (``kaggle_2gpu_train.py``);
+            by default :func:`camoxpert.placement.process_count` decides from the flags and the machine.
+
+    Returns:
+        0 on success, 2 for a user error (printed as ``error: <message>``, no traceback), 130 when interrupted.
     """
-    if "AUTOPARALLEL_NPROC" in os.environ:
-        ap.launch()
-        return
-    if args.strategy == "dp" or args.device.strip().lower() == "cpu":
-        return
-    listed = _listed_gpus(args.device)
-    if listed is not None:
-        if listed >= 2:
-            ap.launch(nproc=listed)
-        return
-    if args.strategy == "ddp":
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        ap.launch(nproc=gpus if gpus >= 2 else None)
-        return
-    ap.launch()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand and return the exit code."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        validate_train_args(parser, args)
-    # With DDP requested from a plain `python train_ultimate.py ...`, this re-runs the script as one process
-    # per device through torch.distributed.run and exits with the job's status (after parsing, so --help
-    # and argument errors stay in one process).
-    launch_for(args)
-    # Imported here so that `--help` and argument errors do not pay for importing timm and torchvision.
-    from . import engine
-
-    handler = {"train": engine.train, "evaluate": engine.evaluate, "predict": engine.predict}[args.handler]
+    validate_args(parser, args)
     try:
-        handler(args)
+        return _run(args, processes)
     except KeyboardInterrupt:
         ap.print("interrupted")
         return 130
-    return 0
+    except Exception as error:
+        message = user_message(error)
+        if message is None:  # a bug: keep the traceback
+            raise
+        return report(message)

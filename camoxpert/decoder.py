@@ -39,7 +39,7 @@ class ConvBNAct(nn.Sequential):
 
 
 class ScaleAttention(nn.Module):
-    """Channel then spatial attention (CBAM-like, as upstream's "SDTA" block), kept residual so that a
+    """Channel then spatial attention (CBAM-like), kept residual so that a
     randomly initialised gate cannot erase the signal: ``x + x * channel_gate * spatial_gate``."""
 
     def __init__(self, channels: int, reduction: int = 8) -> None:

@@ -22,35 +22,12 @@ from torch import nn
 
 import autoparallel as ap
 
+from .backbone import min_input_size
 from .data import EvalDataset, build_eval_dataset
+from .errors import UserError
 from .metrics import METRIC_NAMES, image_metrics, summarize
-from .model import CamoXpert
-
-MODEL_ARGS = ("backbone", "num_experts", "top_k", "deep_supervision", "img_size")
-
-
-def runtime_from_args(args: argparse.Namespace) -> ap.Runtime:
-    """The runtime for ``--strategy``, ``--device`` and ``--precision`` (``auto`` leaves the choice to autoparallel)."""
-    strategy = None if args.strategy == "auto" else args.strategy
-    device = (args.device or "auto").strip().lower()
-    devices: str | None = None
-    if device == "cpu":
-        strategy = "cpu" if strategy in (None, "dp") else strategy
-    elif device.startswith("cuda:"):
-        devices = device.split(":", 1)[1]
-    elif device not in ("auto", "cuda", "gpu"):
-        devices = device
-    precision = None if args.precision == "auto" else args.precision
-    return ap.runtime(strategy=strategy, devices=devices, precision=precision)
-
-
-def build_model(config: dict[str, Any], *, pretrained: bool = False, pretrained_path: str | None = None) -> CamoXpert:
-    """A CamoXpert from the model keys of a run's configuration (the CLI flags or a checkpoint's ``args``)."""
-    return CamoXpert(
-        backbone=config["backbone"], num_experts=config["num_experts"], top_k=config.get("top_k"),
-        deep_supervision=bool(config.get("deep_supervision", False)), pretrained=pretrained,
-        pretrained_path=pretrained_path, gradient_checkpointing=bool(config.get("gradient_checkpointing", False)),
-    )
+from .model import MODEL_ARGS, build_model
+from .placement import runtime_from_args
 
 
 def inference_module(module: nn.Module, rt: ap.Runtime) -> nn.Module:
@@ -106,8 +83,11 @@ def score(model: nn.Module, loader: Any, dataset: EvalDataset, rt: ap.Runtime,
 
 def _checkpoint_config(args: argparse.Namespace) -> dict[str, Any]:
     """The training configuration saved in the checkpoint, overridden by the model flags given here."""
-    info = ap.load_checkpoint(args.checkpoint, map_location="cpu")
+    # The model must exist before load_checkpoint can fill it, and its architecture is in the checkpoint, so
+    # the file is read twice: here for its arguments, then for the weights.
+    info = ap.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
     saved = info["extra"].get("args") or {}
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved  # a trusted legacy file's Namespace
     config = {key: saved.get(key) for key in (*MODEL_ARGS, "dataset_path", "val_fraction", "seed", "use_ema")}
     for key in MODEL_ARGS:
         if getattr(args, key, None) is not None:
@@ -123,8 +103,12 @@ def _checkpoint_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.dataset_path is not None:
         config["dataset_path"] = args.dataset_path
     if not config.get("dataset_path"):
-        raise ValueError(f"checkpoint {args.checkpoint} does not say which data set it was trained on: "
-                         "pass --dataset-path")
+        raise UserError(f"checkpoint {args.checkpoint} does not say which data set it was trained on: "
+                        "pass --dataset-path")
+    smallest = min_input_size(config["backbone"])
+    if config["img_size"] < smallest:
+        raise UserError(f"--img-size {config['img_size']} is below what backbone {config['backbone']} accepts: pass "
+                        f"--img-size {smallest} or more")
     return config
 
 
@@ -141,7 +125,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[nn.Module, ap.Runtime,
     model = build_model(config).to(rt.device)
     use_ema = args.weights == "ema" or (args.weights == "auto" and bool(config.get("use_ema")))
     ema = ap.EMA(model, decay=0.0, warmup=False) if use_ema else None
-    ap.load_checkpoint(args.checkpoint, model=model, ema=ema)
+    ap.load_checkpoint(args.checkpoint, model=model, ema=ema, trusted=args.trust_checkpoint)
     weights = "ema" if use_ema else "model"
     module = ema.module if ema is not None else model
     ap.print(f"loaded {weights} weights of {args.checkpoint} ({config['backbone']}, {config['num_experts']} experts, "

@@ -1,8 +1,7 @@
-"""Box averages as two depthwise 1-D convolutions.
+"""Box averages as two depthwise 1-D convolutions: the same numbers as ``avg_pool2d``, several times faster on a CPU.
 
-On a CPU, torch's ``avg_pool2d`` with stride 1 is slow (a 31 x 31 pool of a 16 x 1 x 128 x 128 batch: 124 ms,
-against 8 ms this way; 11 x 11 on 16 x 64 x 32 x 32: 60 ms against 14 ms, 2 cores). Before this, the pools were
-40% of a CamoXpert training step at 128 px. On a GPU both are fast; the results are the same numbers.
+A 31 x 31 pool of a 16 x 1 x 128 x 128 batch takes 124 ms with ``avg_pool2d`` and 8 ms this way (11 x 11 on
+16 x 64 x 32 x 32: 60 ms against 14 ms, 2 cores); on a GPU both are fast.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Which COD data set layout a folder holds, and which image goes with which mask.
 
-COD data sets circulate in a few layouts. The upstream accepted COD10K-v3 only in practice (its CAMO
-and NC4K classes could not be constructed) and took every file of a folder, extension or not. Here a
-folder is recognised as one of:
+COD data sets circulate in a few layouts; a folder is recognised as one of:
 
 * ``COD10K-v3``: ``Train/Image`` + ``Train/GT_Object`` and ``Test/Image`` + ``Test/GT_Object``
   (``Train/Imgs`` + ``Train/GT`` is accepted too);
@@ -20,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from camoxpert.errors import MissingFileError, UnknownSplitError, UserError
 
 __all__ = ["IMAGE_EXTENSIONS", "MASK_EXTENSIONS", "Layout", "SplitDirs", "detect_layout", "is_noncam", "pair_files"]
 
@@ -59,9 +59,10 @@ class Layout:
         if name == "test" and self.kind == "SINet-V2" and tests:
             if "COD10K" in tests or len(tests) == 1:
                 return self.splits["COD10K" if "COD10K" in tests else tests[0]]
-            raise KeyError(f"{self.root} ({self.kind}) has several test sets {tests}: choose one by name")
+            raise UnknownSplitError(f"{self.root} ({self.kind}) has several test sets {tests}: choose one by name")
         hint = "a layout with a Train folder (COD10K-v3 or SINet-V2)" if name == "train" else "one of those names"
-        raise KeyError(f"{self.root} ({self.kind}) has no split {name!r}; it has {list(self.splits)}: use {hint}")
+        raise UnknownSplitError(f"{self.root} ({self.kind}) has no split {name!r}; it has {list(self.splits)}: "
+                                f"use {hint}")
 
     def describe(self) -> str:
         """One line per split, for logs: ``train: Train/Image + Train/GT_Object``."""
@@ -118,7 +119,7 @@ def detect_layout(root: str | Path) -> Layout:
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data set path {root} does not exist or is not a folder: pass --dataset-path DIR")
+        raise MissingFileError(f"data set path {root} does not exist or is not a folder: pass --dataset-path DIR")
     layout = _match(root)
     if layout is not None:
         return layout
@@ -132,7 +133,7 @@ def detect_layout(root: str | Path) -> Layout:
     for sub in ("Train", "Test", "TrainDataset"):
         if (root / sub).is_dir():
             found += f"\nFound in {root / sub}: {_listing(root / sub)}"
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no COD data set layout recognised at {root}. Looked for (at the root or in one sub-folder):\n"
         f"{_LOOKED_FOR}\n{found}\nFix: pass --dataset-path pointing at the folder that holds one of these layouts."
     )
@@ -149,7 +150,7 @@ def _files(folder: Path, extensions: frozenset[str]) -> dict[str, Path]:
             duplicates.append(f"{by_stem[path.stem].name} / {path.name}")
         by_stem[path.stem] = path
     if duplicates:
-        raise ValueError(
+        raise UserError(
             f"{len(duplicates)} file stems appear twice in {folder}: {_names(duplicates)}; "
             "images and masks are paired by stem: keep one file per stem"
         )
@@ -173,17 +174,17 @@ def pair_files(split: SplitDirs) -> list[tuple[Path, Path]]:
     no_mask = [images[s].name for s in images if s not in masks]
     no_image = [masks[s].name for s in masks if s not in images]
     if no_mask:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{len(no_mask)} of {len(images)} images in {split.image_dir} have no mask with the same stem in "
             f"{split.mask_dir}: {_names(no_mask)}. Fix: add the missing masks or remove those images."
         )
     if no_image:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{len(no_image)} of {len(masks)} masks in {split.mask_dir} have no image with the same stem in "
             f"{split.image_dir}: {_names(no_image)}. Fix: add the missing images or remove those masks."
         )
     if not images:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {split.image_dir}: is the data set complete?"
         )
     return [(images[s], masks[s]) for s in sorted(images)]

@@ -2,10 +2,9 @@
 balancing loss.
 
 The structure loss weights every pixel by ``1 + 5 * |avgpool31(mask) - mask|``: pixels near the object's boundary
-(where the 31x31 average differs from the pixel) count up to six times more, in both the binary cross-entropy and
-the soft IoU, because that is where camouflaged objects are lost. It is computed in float32 whatever the autocast
-precision. ``CODLoss`` returns its parts as detached 0-dim tensors so the engine can log every N steps without a
-host sync per step (upstream called ``.item()`` on every part of every step).
+count up to six times more, in both the binary cross-entropy and the soft IoU, because that is where camouflaged
+objects are lost. It is computed in float32 whatever the autocast precision, and ``CODLoss`` returns its parts as
+detached 0-dim tensors, so logging them needs no host sync per step.
 """
 
 from __future__ import annotations

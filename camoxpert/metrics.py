@@ -1,9 +1,7 @@
 """Standard COD metrics, per image at the mask's original resolution, through ``pysodmetrics``.
 
-The upstream computed its own variants on whole batches at the training resolution (batch-pooled IoU,
-a non-standard S- and E-measure, beta^2 = 0.09), so its numbers were not comparable with papers.
-Here every metric is computed per image, on the ground truth at its original size, then averaged
-over the data set, as the COD literature (and PySODEvalToolkit) does:
+Every metric is computed per image, on the ground truth at its original size, then averaged over the data set,
+as the COD literature (and PySODEvalToolkit) does, so the numbers compare with papers:
 
 * ``IoU``: intersection over union of ``pred >= 0.5`` with the mask. An image whose mask is empty
   scores 1.0 when the prediction is empty too and 0.0 otherwise (an empty/empty pair is a perfect
@@ -13,8 +11,8 @@ over the data set, as the COD literature (and PySODEvalToolkit) does:
   when evaluating the PNG a user saves: the probability quantised to uint8, then ``py_sod_metrics``'
   own normalisation (min-max scaling of the prediction, ground truth > 128).
 
-Because :func:`image_metrics` returns one row per image, DDP ranks can each score their share, gather
-the rows, and :func:`summarize` averages them: every image counts once, whatever the world size.
+One row per image lets DDP ranks score their shares and :func:`summarize` average the gathered rows: every
+image counts once, whatever the world size.
 """
 
 from __future__ import annotations

@@ -2,16 +2,15 @@
 high-resolution path, and deep-supervision heads.
 
 ``forward`` returns a dict whose tensors all have a batch dimension except ``aux_loss``, which is 0-dim so that
-autoparallel's DataParallel wrapper averages it across replicas (upstream returned it as is, and DataParallel's
-gather turned it into a vector that crashed the loss). Nothing is cached or mutated in ``forward`` apart from
-BatchNorm buffers, and gradient checkpointing is a flag read inside ``forward``: replicas made by DataParallel copy
-the flag and run their own weights (upstream patched bound ``forward`` methods, which made every replica run
-GPU 0's weights).
+DataParallel averages it across replicas instead of gathering a vector. Nothing is cached or mutated in
+``forward`` apart from BatchNorm buffers, and gradient checkpointing is a flag read inside ``forward``, so
+replicas made by DataParallel each run their own weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +20,10 @@ from camoxpert.backbone import build_backbone, feature_stage_groups
 from camoxpert.decoder import FPNDecoder, HighResolutionPath, upsample_to
 from camoxpert.moe import default_top_k
 
-__all__ = ["CamoXpert"]
+__all__ = ["MODEL_ARGS", "CamoXpert", "build_model"]
+
+MODEL_ARGS = ("backbone", "num_experts", "top_k", "deep_supervision", "img_size")
+"""The configuration keys that decide the architecture (and the input size), as saved in a checkpoint's args."""
 
 
 class CamoXpert(nn.Module):
@@ -111,3 +113,12 @@ class CamoXpert(nn.Module):
         if self.deep_supervision:
             side = [upsample_to(level.side_head(x), images) for level, x in zip(self.decoder.levels, decoded)]
         return {"mask": mask, "aux_loss": aux_loss, "side": side}
+
+
+def build_model(config: dict[str, Any], *, pretrained: bool = False, pretrained_path: str | None = None) -> CamoXpert:
+    """A CamoXpert from the model keys of a run's configuration (the CLI flags or a checkpoint's ``args``)."""
+    return CamoXpert(
+        backbone=config["backbone"], num_experts=config["num_experts"], top_k=config.get("top_k"),
+        deep_supervision=bool(config.get("deep_supervision", False)), pretrained=pretrained,
+        pretrained_path=pretrained_path, gradient_checkpointing=bool(config.get("gradient_checkpointing", False)),
+    )

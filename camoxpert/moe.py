@@ -1,15 +1,10 @@
 """Mixture-of-Experts block: different expert types, per-image top-k routing, vectorised dispatch.
 
-The upstream model looped over the images of a batch and, inside, over the selected experts, calling each
-expert on a batch of one and reading the expert index with ``.item()`` (a GPU sync per pick); its balancing
-loss was built from integer counts and had no gradient. Here the router's top-k choice becomes a dense
-``B x E`` weight matrix (zeros for unselected experts) and the block mixes whole-batch expert outputs with it,
-so a forward has a fixed number of kernel launches, no host sync and works under DataParallel, DDP and
-``torch.compile``. The Switch Transformer balancing loss keeps the router's probabilities in the graph.
-
-Every expert uses batch-independent normalisation (GroupNorm): an expert's answer for one image must not depend
-on which other images were routed with it, which is what makes the dense, gathered and per-image-loop
-executions give the same numbers.
+The router's top-k choice becomes a dense ``B x E`` weight matrix (zeros for unselected experts) and the block
+mixes whole-batch expert outputs with it, so a forward has a fixed number of kernel launches, no host sync, and
+works under DataParallel, DDP and ``torch.compile``; the Switch Transformer balancing loss keeps the router's
+probabilities in the graph. Experts use batch-independent normalisation (GroupNorm), so an expert's answer for
+one image does not depend on which images were routed with it and every execution gives the same numbers.
 """
 
 from __future__ import annotations
@@ -173,7 +168,7 @@ def build_expert(index: int, channels: int) -> nn.Module:
 
 
 def default_top_k(num_experts: int) -> int:
-    """Upstream's rule, ``max(2, E // 2)`` (3 for 7 experts), clamped to the number of experts."""
+    """``max(2, E // 2)`` (3 for 7 experts, CamoXpert's published setting), clamped to the number of experts."""
     return min(num_experts, max(2, num_experts // 2))
 
 
@@ -269,8 +264,8 @@ class MoEBlock(nn.Module):
         return x + mixed, aux
 
     def forward_per_sample(self, x: Tensor) -> Tensor:
-        """Reference execution, image by image and pick by pick, as upstream did (differentiable, without the
-        balancing loss). For tests and benchmarks only: it syncs with the host for every image."""
+        """Reference execution, image by image and pick by pick (differentiable, without the balancing loss).
+        For tests and benchmarks only: it syncs with the host for every image."""
         weights, _, selected = self.route(x)
         outputs = []
         for b in range(x.shape[0]):

@@ -1,21 +1,15 @@
 """Hardware presets for ``kaggle_2gpu_train.py``: batch, accumulation, image size, precision and workers.
 
-The seed's launcher hard-coded one configuration for Kaggle's 2 x T4 and mislabelled its batch ("16 per
-GPU" when DataParallel splits 16 into 8 + 8). Here the configuration follows the hardware autoparallel
-detects, every value carries the reason it was chosen, and flags or seed-000-style environment variables
-(``TRAIN_BATCH_SIZE``, ``GRADIENT_ACCUMULATION_STEPS``, ``IMG_SIZE``, ...) override any of them.
-
-Batch sizes mean what ``train_ultimate.py`` means: ``--batch-size`` is the GLOBAL batch of one micro-step,
-split over the GPUs; ``TRAIN_BATCH_SIZE`` is per GPU, as in seed 000's ``run_multi_gpu.sh``. Every preset
-keeps the effective batch (global batch x accumulation) at :data:`TARGET_EFFECTIVE_BATCH`, the batch the
-recipe's learning rates were set for, so the LR needs no change from one machine to the next.
-
-The synthetic demo's configuration lives here too, in one place: :data:`DEMO` (and :data:`DEMO_SMALL`,
-a seconds-long smoke run).
+The values follow the hardware autoparallel detects, each with the reason it was chosen, and flags or
+environment variables (``TRAIN_BATCH_SIZE``, ``IMG_SIZE``, ... see :data:`SETTINGS`) override any of them.
+``--batch-size`` is the GLOBAL batch of one micro-step, as in ``train_ultimate.py``; every preset keeps the
+effective batch at :data:`TARGET_EFFECTIVE_BATCH`, the batch the recipe's learning rates were set for. The
+synthetic demo's configuration lives here too (:data:`DEMO`, and :data:`DEMO_SMALL`, a smoke run).
 """
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,28 +17,24 @@ from typing import Any
 from autoparallel import Hardware, Runtime
 
 TARGET_EFFECTIVE_BATCH = 16
-"""Effective batch of the recipe (the seed's kaggle_2gpu_train.py: batch 16, accumulation 1)."""
+"""Effective batch of the recipe (its kaggle_2gpu_train.py: batch 16, accumulation 1)."""
 
-RECIPE: dict[str, Any] = {
-    # The seed's guide command (README_MULTI_GPU.md); batch, size, precision and workers come from the preset.
-    "backbone": "edgenext_base",
-    "num_experts": 7,
-    "epochs": 140,
-    "stage1_epochs": 30,
-    "lr": 6.5e-4,
-    "stage2_lr": 1.5e-4,
-    "scheduler": "cosine",
-    "min_lr": 1e-5,
-    "warmup_epochs": 10,
-    "progressive_unfreeze": True,
+RECIPE: dict[str, Any] = {  # the published train command; batch, size, precision and workers come from the preset
+    "backbone": "edgenext_base", "num_experts": 7, "epochs": 140, "stage1_epochs": 30, "lr": 6.5e-4,
+    "stage2_lr": 1.5e-4, "scheduler": "cosine", "min_lr": 1e-5, "warmup_epochs": 10, "progressive_unfreeze": True,
     "deep_supervision": True,
 }
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The synthetic demo: what a new user sees from ``python kaggle_2gpu_train.py`` with no data set."""
+    """The synthetic demo: what a new user sees from ``python kaggle_2gpu_train.py`` with no data set.
 
+    ``name`` names its folders, ``checkpoints/<name>`` and ``data/<data_name>``, so demos never share files.
+    """
+
+    name: str = "demo"
+    data_name: str = "synthetic-cod"
     backbone: str = "edgenext_xx_small"
     pretrained: bool = False  # random init: the measured configuration, and nothing to download
     num_experts: int = 7
@@ -62,8 +52,8 @@ class DemoConfig:
 
 
 DEMO = DemoConfig()
-DEMO_SMALL = DemoConfig(num_experts=2, num_train=12, num_test=4, source_size=64, img_size=64, epochs=1,
-                        batch_size=4, max_steps_per_epoch=2)
+DEMO_SMALL = DemoConfig(name="demo-small", data_name="synthetic-cod-small", num_experts=2, num_train=12, num_test=4,
+                        source_size=64, img_size=64, epochs=1, batch_size=4, max_steps_per_epoch=2)
 
 # Simulated machines for `--simulate 2xT4` (what the preset would be there), as torch reports them.
 KNOWN_GPUS: dict[str, tuple[str, float, tuple[int, int]]] = {
@@ -78,6 +68,25 @@ KNOWN_GPUS: dict[str, tuple[str, float, tuple[int, int]]] = {
     "H100": ("NVIDIA H100 80GB HBM3", 79.19, (9, 0)),
 }
 LARGE_GPU_GIB = 22.0  # "24 GB" cards (A10G, L4, RTX 4090) report 22-24 GiB to torch
+
+SETTINGS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
+    # setting: (row of the printed table, kaggle_2gpu_train.py flag, environment variables that override it)
+    "batch_size": ("global batch", "--batch-size", ("GLOBAL_BATCH_SIZE",)),
+    "per_gpu_batch": ("per-GPU batch", "--per-gpu-batch-size", ("TRAIN_BATCH_SIZE",)),
+    "stage2_batch_size": ("stage-2 global batch", None, ()),
+    "accumulation_steps": ("accumulation steps", "--accumulation-steps",
+                           ("GRADIENT_ACCUMULATION_STEPS", "GRADIENT_ACCUMULATION")),
+    "effective_batch": ("effective batch", None, ()),
+    "img_size": ("image size", "--img-size", ("IMG_SIZE", "RESOLUTION")),
+    "precision": ("precision", "--precision", ("MIXED_PRECISION",)),
+    "num_workers": ("workers per process", "--num-workers", ("NUM_WORKERS",)),
+    "epochs": ("epochs", "--epochs", ("EPOCHS",)),
+    "stage1_epochs": ("stage-1 epochs", None, ()),
+    "warmup_epochs": ("warm-up epochs", None, ()),
+}
+ROW_LABELS = {key: label for key, (label, _, _) in SETTINGS.items()}
+ENV_OVERRIDES = {name: key for key, (_, _, names) in SETTINGS.items() for name in names}
+_PRECISION_ALIASES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "no": "fp32", "32": "fp32", "16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -102,59 +111,46 @@ class Plan:
         return self.settings[key].value
 
 
-ROW_LABELS = {
-    "batch_size": "global batch",
-    "per_gpu_batch": "per-GPU batch",
-    "stage2_batch_size": "stage-2 global batch",
-    "accumulation_steps": "accumulation steps",
-    "effective_batch": "effective batch",
-    "img_size": "image size",
-    "precision": "precision",
-    "num_workers": "workers per process",
-    "epochs": "epochs",
-    "stage1_epochs": "stage-1 epochs",
-    "warmup_epochs": "warm-up epochs",
-}
-
-# Environment variables (seed 000 style) -> (setting, kind). Aliases are seed 000's own names.
-ENV_OVERRIDES: dict[str, tuple[str, str]] = {
-    "GLOBAL_BATCH_SIZE": ("batch_size", "int"),
-    "TRAIN_BATCH_SIZE": ("per_gpu_batch", "int"),
-    "GRADIENT_ACCUMULATION_STEPS": ("accumulation_steps", "int"),
-    "GRADIENT_ACCUMULATION": ("accumulation_steps", "int"),
-    "IMG_SIZE": ("img_size", "int"),
-    "RESOLUTION": ("img_size", "int"),
-    "EPOCHS": ("epochs", "int"),
-    "NUM_WORKERS": ("num_workers", "int"),
-    "MIXED_PRECISION": ("precision", "precision"),
-}
-_PRECISION_ALIASES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "no": "fp32", "32": "fp32", "16": "fp16"}
-
-
-def parse_override(name: str, text: str, kind: str) -> Any:
-    """Converts an environment value, with an error that names the variable, the value and a valid example."""
-    text = text.strip()
-    if kind == "precision":
-        if text.lower() not in _PRECISION_ALIASES:
-            raise ValueError(f"{name}={text!r} is not a precision: use fp16, bf16, fp32 or no")
-        return _PRECISION_ALIASES[text.lower()]
+def parse_override(key: str, source: str, value: Any) -> Any:
+    """Checks one override (a flag's or a variable's value), with an error that names its source and the fix."""
+    if key == "precision":
+        if str(value).strip().lower() not in _PRECISION_ALIASES:
+            raise ValueError(f"{source}={value!r} is not a precision: use fp16, bf16, fp32 or no")
+        return _PRECISION_ALIASES[str(value).strip().lower()]
     try:
-        value = int(text)
+        number = int(str(value).strip())
     except ValueError:
-        raise ValueError(f"{name}={text!r} is not an integer: unset it or set e.g. {name}=8") from None
-    if value < (0 if name == "NUM_WORKERS" else 1):
-        raise ValueError(f"{name}={value} is too small: it must be at least {0 if name == 'NUM_WORKERS' else 1}")
-    return value
+        raise ValueError(f"{source}={value!r} is not an integer: unset it or set e.g. {source}=8") from None
+    smallest = 0 if key == "num_workers" else 1
+    if number < smallest:
+        raise ValueError(f"{source}={number} is too small: it must be at least {smallest}")
+    return number
 
 
 def overrides_from_env(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     """Settings given by environment variables, as ``{setting: (value, "NAME=value (environment)")}``."""
     found: dict[str, tuple[Any, str]] = {}
-    for name, (key, kind) in ENV_OVERRIDES.items():
+    for name, key in ENV_OVERRIDES.items():
         if environ.get(name, "").strip() and key not in found:
-            found[key] = (parse_override(name, environ[name], kind), f"{name}={environ[name].strip()} (environment)")
+            text = environ[name].strip()
+            found[key] = (parse_override(key, name, text), f"{name}={text} (environment)")
     if "batch_size" in found and "per_gpu_batch" in found:
         raise ValueError("both GLOBAL_BATCH_SIZE and TRAIN_BATCH_SIZE are set: keep one (TRAIN_BATCH_SIZE is per GPU)")
+    return found
+
+
+def collect_overrides(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """Flags (``{setting: value or None}``) over environment variables; a batch flag hides both batch variables."""
+    found = overrides_from_env(environ)
+    given = {key: value for key, value in flags.items() if value is not None}
+    if "batch_size" in given and "per_gpu_batch" in given:
+        raise ValueError("--batch-size (global) and --per-gpu-batch-size both given: keep one")
+    if "batch_size" in given or "per_gpu_batch" in given:
+        found.pop("batch_size", None)
+        found.pop("per_gpu_batch", None)
+    for key, value in given.items():
+        flag = SETTINGS[key][1]
+        found[key] = (parse_override(key, flag, value), f"{flag} {value}")
     return found
 
 
@@ -177,13 +173,12 @@ def describe_hardware(rt: Runtime) -> str:
 
 
 def _preset_for(rt: Runtime) -> tuple[str, int, str]:
-    """Name, per-GPU batch and the batch's reason for the detected GPUs."""
-    count, names = len(rt.gpu_names), " ".join(rt.gpu_names).upper()
-    memory = min(rt.gpu_memory_gib)
+    """Name, per-GPU batch and the batch's reason for the detected GPUs (the CPU preset when there are none)."""
+    if not (rt.gpu_names and rt.device.type == "cuda"):
+        return "CPU", 4, "CPU: 4 images keep a step within seconds; COD10K on a CPU takes days, the demo is the CPU run"
+    count, names, memory = len(rt.gpu_names), " ".join(rt.gpu_names).upper(), min(rt.gpu_memory_gib)
     if all("T4" in name.upper() for name in rt.gpu_names) and count in (1, 2):
-        why = ("8 images of 320 px per T4 (15 GiB) in fp16, with room for stage 2; upstream's kaggle script "
-               "also ran 16 over 2 T4s")
-        return f"{count}xT4", 8, why
+        return f"{count}xT4", 8, "8 images of 320 px per T4 (15 GiB) in fp16, with room for stage 2"
     if "P100" in names and count == 2:
         return "2xP100", 8, "8 images of 320 px per 16 GiB P100 in fp16, as on a T4"
     if count == 1 and memory >= LARGE_GPU_GIB:
@@ -205,8 +200,6 @@ def _precision_reason(rt: Runtime) -> str:
 
 
 def _cpu_count() -> int:
-    import os
-
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity API
@@ -217,11 +210,9 @@ def build_plan(rt: Runtime, *, processes: int = 1, overrides: Mapping[str, tuple
                cpu_count: int | None = None) -> Plan:
     """Picks the preset for ``rt`` and applies ``overrides`` ({setting: (value, source)}), deriving the rest.
 
-    ``processes`` > 1 means DDP with that many processes, each one a replica (``rt`` is then either one
-    of them or the parent that will launch them).
-
-    Derived values follow what was overridden: a smaller ``TRAIN_BATCH_SIZE`` raises the accumulation so the
-    effective batch stays at TARGET_EFFECTIVE_BATCH, unless the accumulation is given too.
+    ``processes`` > 1 means DDP with that many processes, each one a replica (``rt`` is then one of them or
+    the parent that launches them). Derived values follow the overrides: a smaller ``TRAIN_BATCH_SIZE``
+    raises the accumulation so the effective batch stays at TARGET_EFFECTIVE_BATCH, unless it is given too.
 
     Raises:
         ValueError: a batch that DDP cannot split evenly over its processes.
@@ -230,13 +221,8 @@ def build_plan(rt: Runtime, *, processes: int = 1, overrides: Mapping[str, tuple
     cpus = cpu_count or _cpu_count()
     on_gpu = bool(rt.gpu_names) and rt.device.type == "cuda"
     processes = rt.world_size if rt.mode == "ddp" else processes
-    ddp = processes > 1
-    replicas = processes if ddp else max(1, len(rt.device_ids))
-    if on_gpu:
-        name, per_gpu, why_batch = _preset_for(rt)
-    else:
-        name, per_gpu = "CPU", 4
-        why_batch = "CPU: 4 images keep a step within seconds; COD10K on a CPU takes days, the demo is the CPU run"
+    replicas = processes if processes > 1 else max(1, len(rt.device_ids))
+    name, per_gpu, why_batch = _preset_for(rt)
     settings: dict[str, Setting] = {}
 
     def put(key: str, value: Any, reason: str) -> None:
@@ -247,42 +233,37 @@ def build_plan(rt: Runtime, *, processes: int = 1, overrides: Mapping[str, tuple
     if "batch_size" in overrides:
         global_batch, source = overrides["batch_size"]
         settings["batch_size"] = Setting(global_batch, source)
-        per_gpu = global_batch / replicas
-        shown = int(per_gpu) if per_gpu == int(per_gpu) else f"{math.floor(per_gpu)}-{math.ceil(per_gpu)}"
+        share = global_batch / replicas
+        shown = int(share) if share == int(share) else f"{math.floor(share)}-{math.ceil(share)}"
         settings["per_gpu_batch"] = Setting(shown, f"global {global_batch} split over {units}")
     else:
         put("per_gpu_batch", per_gpu, why_batch)
-        per_gpu = settings["per_gpu_batch"].value
-        global_batch = per_gpu * replicas
-        settings["batch_size"] = Setting(global_batch, f"{per_gpu} per {unit} x {units}; "
+        global_batch = settings["per_gpu_batch"].value * replicas
+        settings["batch_size"] = Setting(global_batch, f"{settings['per_gpu_batch'].value} per {unit} x {units}; "
                                          "train_ultimate.py's --batch-size is this global batch")
-    if ddp and global_batch % replicas:
+    if processes > 1 and global_batch % replicas:
         raise ValueError(f"global batch {global_batch} does not split evenly over {replicas} DDP processes: "
                          f"use a multiple of {replicas} (e.g. {replicas * max(1, global_batch // replicas)})")
     stage2 = max(replicas, (global_batch * 3 // 4) // replicas * replicas)
-    settings["stage2_batch_size"] = Setting(stage2, "3/4 of the stage-1 batch: stage 2 also trains the backbone "
-                                                    "(the seed's 16 -> 12)")
+    settings["stage2_batch_size"] = Setting(stage2, "3/4 of the stage-1 batch: stage 2 also trains the backbone")
     put("accumulation_steps", max(1, math.ceil(TARGET_EFFECTIVE_BATCH / global_batch)),
         f"keeps the effective batch at {TARGET_EFFECTIVE_BATCH}, the batch the recipe's LR was set for")
     effective = global_batch * settings["accumulation_steps"].value
     settings["effective_batch"] = Setting(effective, "global batch x accumulation: images per optimizer step")
-    put("img_size", 320, "the seed's Kaggle size: 320 px fits the batch above; OOM: IMG_SIZE=288")
+    put("img_size", 320, "the recipe's Kaggle size: 320 px fits the batch above; OOM: IMG_SIZE=288")
     put("precision", rt.precision, _precision_reason(rt))
     if on_gpu:
         workers = max(1, min(8, cpus // processes))
         why = (f"{cpus} CPU cores / {processes} process{'es' if processes > 1 else ''}, at most 8: more workers "
                "than cores only adds contention")
     else:
-        workers = max(0, min(4, cpus - 1))
-        why = f"{cpus} CPU cores: one stays with the training process"
+        workers, why = max(0, min(4, cpus - 1)), f"{cpus} CPU cores: one stays with the training process"
     put("num_workers", workers, why)
-    put("epochs", RECIPE["epochs"], "the seed's recipe")
-    epochs = settings["epochs"].value
-    scale = epochs / RECIPE["epochs"]
-    settings["stage1_epochs"] = Setting(round(RECIPE["stage1_epochs"] * scale),
-                                        f"{RECIPE['stage1_epochs']} of {RECIPE['epochs']} in the recipe, scaled")
-    settings["warmup_epochs"] = Setting(round(RECIPE["warmup_epochs"] * scale),
-                                        f"{RECIPE['warmup_epochs']} of {RECIPE['epochs']} in the recipe, scaled")
+    put("epochs", RECIPE["epochs"], "the recipe's")
+    scale = settings["epochs"].value / RECIPE["epochs"]
+    for key in ("stage1_epochs", "warmup_epochs"):
+        settings[key] = Setting(round(RECIPE[key] * scale), f"{RECIPE[key]} of {RECIPE['epochs']} in the recipe, "
+                                                            "scaled")
     return Plan(preset=name, hardware=describe_hardware(rt), replicas=replicas, processes=processes,
                 settings=settings)
 
@@ -298,33 +279,33 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _flags(values: Mapping[str, Any]) -> list[str]:
+    """``{"img_size": 320, "deep_supervision": True}`` -> ``["--img-size", "320", "--deep-supervision"]``."""
+    argv: list[str] = []
+    for key, value in values.items():
+        if value is None or value is False:
+            continue
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return argv
+
+
 def train_arguments(plan: Plan, *, dataset_path: str, checkpoint_dir: str, strategy: str = "auto",
                     device: str = "auto", resume_from: str | None = None) -> list[str]:
     """``train_ultimate.py train`` arguments for the full recipe with this plan's values."""
-    value = plan.value
-    argv = ["train", "--dataset-path", dataset_path, "--checkpoint-dir", checkpoint_dir,
-            "--backbone", RECIPE["backbone"], "--num-experts", str(RECIPE["num_experts"]),
-            "--batch-size", str(value("batch_size")), "--stage2-batch-size", str(value("stage2_batch_size")),
-            "--accumulation-steps", str(value("accumulation_steps")), "--img-size", str(value("img_size")),
-            "--epochs", str(value("epochs")), "--stage1-epochs", str(value("stage1_epochs")),
-            "--lr", str(RECIPE["lr"]), "--stage2-lr", str(RECIPE["stage2_lr"]), "--scheduler", RECIPE["scheduler"],
-            "--min-lr", str(RECIPE["min_lr"]), "--warmup-epochs", str(value("warmup_epochs"))]
-    argv += ["--progressive-unfreeze"] if RECIPE["progressive_unfreeze"] else []
-    argv += ["--deep-supervision"] if RECIPE["deep_supervision"] else []
-    argv += ["--num-workers", str(value("num_workers")), "--precision", str(value("precision")),
-             "--strategy", strategy, "--device", device]
-    return argv + (["--resume-from", resume_from] if resume_from else [])
+    keys = ("batch_size", "stage2_batch_size", "accumulation_steps", "img_size", "epochs", "stage1_epochs",
+            "warmup_epochs", "num_workers", "precision")
+    values = {**RECIPE, **{key: plan.value(key) for key in keys}}
+    return ["train", *_flags({"dataset_path": dataset_path, "checkpoint_dir": checkpoint_dir, **values,
+                              "strategy": strategy, "device": device, "resume_from": resume_from})]
 
 
 def demo_arguments(config: DemoConfig, *, dataset_path: str, checkpoint_dir: str, num_workers: int,
                    strategy: str = "auto", device: str = "auto", resume_from: str | None = None) -> list[str]:
     """``train_ultimate.py train`` arguments for the synthetic demo."""
-    argv = ["train", "--dataset-path", dataset_path, "--checkpoint-dir", checkpoint_dir,
-            "--backbone", config.backbone, "--pretrained" if config.pretrained else "--no-pretrained",
-            "--num-experts", str(config.num_experts), "--img-size", str(config.img_size),
-            "--batch-size", str(config.batch_size), "--epochs", str(config.epochs), "--stage1-epochs", "0",
-            "--lr", str(config.lr), "--scheduler", config.scheduler, "--seed", str(config.seed),
-            "--num-workers", str(num_workers), "--strategy", strategy, "--device", device]
-    if config.max_steps_per_epoch is not None:
-        argv += ["--max-steps-per-epoch", str(config.max_steps_per_epoch)]
-    return argv + list(config.extra) + (["--resume-from", resume_from] if resume_from else [])
+    values = {"dataset_path": dataset_path, "checkpoint_dir": checkpoint_dir, "backbone": config.backbone,
+              "pretrained" if config.pretrained else "no_pretrained": True, "num_experts": config.num_experts,
+              "img_size": config.img_size, "batch_size": config.batch_size, "epochs": config.epochs,
+              "stage1_epochs": 0, "lr": config.lr, "scheduler": config.scheduler, "seed": config.seed,
+              "num_workers": num_workers, "strategy": strategy, "device": device,
+              "max_steps_per_epoch": config.max_steps_per_epoch}
+    return ["train", *_flags(values), *config.extra, *_flags({"resume_from": resume_from})]

@@ -9,8 +9,7 @@ once) and one ``LambdaLR`` can drive both stages:
 * Each stage is one *phase* of the step-indexed multiplier: a linear warm-up over ``--warmup-epochs``,
   then cosine down to ``--min-lr`` (or a one-cycle shape, or constant).
 * The multiplier is shared by every parameter group, so the backbone group keeps its ratio to the
-  decoder group through warm-up and decay. (The upstream set every group's LR to the same value during
-  warm-up, and re-created the optimizer at each unfreeze, leaving its scheduler on the old one.)
+  decoder group through warm-up and decay, and unfreezing needs no new optimizer.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 SCHEDULERS = ("cosine", "onecycle", "none")
-ONECYCLE_PCT_START = 0.1  # as the upstream's OneCycleLR(pct_start=0.1)
+ONECYCLE_PCT_START = 0.1  # the rise's share of the phase, as CamoXpert's published OneCycleLR(pct_start=0.1)
 ONECYCLE_DIV_FACTOR = 25.0  # torch.optim.lr_scheduler.OneCycleLR's default initial LR = max_lr / 25
 
 
@@ -201,8 +200,8 @@ class UnfreezePlan:
 
     Stage 1 (``epoch < stage1_epochs``) trains none when ``freeze_stage1``. Stage 2 trains all of them,
     or, with ``progressive``, starts with the deepest stage and adds one stage at a time, evenly over the
-    first two thirds of stage 2, so the whole backbone trains for the last third (the upstream's timeline
-    for 3 levels). A pure function of the epoch, so resume restores the level.
+    first two thirds of stage 2, so the whole backbone trains for the last third. A pure function of the
+    epoch, so resume restores the level.
     """
 
     epochs: int

@@ -1,11 +1,9 @@
 """Two-stage training of CamoXpert on whatever autoparallel detects: CPU, one GPU, DataParallel or DDP.
 
-One :class:`Trainer` holds the run's state in plain attributes: the wrapped model, its EMA, ONE AdamW
-optimizer with parameter groups (created once and kept across unfreezing), a per-step ``LambdaLR`` over
-the whole run (:mod:`camoxpert.schedule`), the grad scaler and the gradient accumulator. Stage 1 and
-stage 2 differ only by the unfreeze level, the peak LR and the loader (``--stage2-batch-size``), all
-functions of the epoch, so ``--resume-from last.pt`` continues exactly where the run stopped: model,
-EMA, optimizer, scheduler, scaler, RNG streams and sampler order.
+One :class:`Trainer` holds the run's state: the wrapped model, its EMA, one AdamW optimizer kept across
+unfreezing, a per-step ``LambdaLR`` over the whole run, the grad scaler and the gradient accumulator. The
+stages differ only by functions of the epoch (unfreeze level, peak LR, loader), so ``--resume-from``
+continues exactly where a run stopped.
 """
 from __future__ import annotations
 
@@ -23,10 +21,14 @@ import torch
 
 import autoparallel as ap
 
+from . import console, curves, run_dir
 from .data import build_train_val
-from .evaluate import build_model, inference_module, runtime_from_args, score
+from .errors import UserError
+from .evaluate import inference_module, score
 from .losses import CODLoss
 from .metrics import LOWER_IS_BETTER
+from .model import build_model
+from .placement import runtime_from_args
 from .schedule import (
     UnfreezePlan,
     build_lr_plan,
@@ -37,30 +39,15 @@ from .schedule import (
     should_freeze_backbone,
 )
 
-try:  # optional: TensorBoard logs when the tensorboard package is installed
-    from torch.utils.tensorboard import SummaryWriter
-except ImportError:  # pragma: no cover - depends on the environment
-    SummaryWriter = None
+LOSS_REFRESH_S = 2.0
+"""Seconds between loss updates in the progress bar (each costs one host sync), besides every --log-every steps."""
 
 
 def _seed_everything(seed: int) -> None:
-    # No cudnn.deterministic: it made the upstream slow, and the sample order and init are what must repeat.
+    # No cudnn.deterministic: it costs speed, and the sample order and init are what must repeat.
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _describe_batch(global_batch: int, accumulation_steps: int, rt: ap.Runtime) -> str:
-    if rt.mode == "ddp":
-        share = f"{global_batch // rt.world_size} per process x {rt.world_size} processes"
-    elif rt.mode == "dp":
-        gpus = len(rt.device_ids)
-        share = f"split by DataParallel over {gpus} GPUs, {-(-global_batch // gpus)} on the first"
-    else:
-        share = "on the CPU" if rt.mode == "cpu" else "on 1 GPU"
-    effective = ap.effective_batch_size(global_batch, accumulation_steps)
-    return (f"global batch {global_batch} per micro-step ({share}) x {accumulation_steps} accumulation step(s) "
-            f"= effective batch {effective} per optimizer step")
 
 
 class Trainer:
@@ -99,7 +86,8 @@ class Trainer:
                        "backbone_lr_scale": backbone_lr_scale, "freeze_stage1": freeze_stage1,
                        "pretrained_loaded": self.pretrained_loaded, "mode": rt.mode, "world_size": rt.world_size,
                        "precision": rt.precision}
-        self.config.pop("handler", None)
+        for key in ("handler", "overwrite", "trust_checkpoint"):  # how the command was run, not what the run is
+            self.config.pop(key, None)
 
         self.model = ap.wrap(model, runtime=rt)
         self.ema = ap.EMA(self.model, decay=args.ema_decay) if args.use_ema else None
@@ -108,13 +96,10 @@ class Trainer:
             lr=args.lr, weight_decay=args.weight_decay)
 
         workers = args.num_workers
-        self.loaders = {"stage1": ap.loader(self.train_set, args.batch_size, num_workers=workers, seed=args.seed,
-                                            runtime=rt)}
-        if self.config["stage2_batch_size"] == args.batch_size:
-            self.loaders["stage2"] = self.loaders["stage1"]
-        else:
-            self.loaders["stage2"] = ap.loader(self.train_set, self.config["stage2_batch_size"], num_workers=workers,
-                                               seed=args.seed, runtime=rt)
+        batches = {"stage1": args.batch_size, "stage2": self.config["stage2_batch_size"]}
+        made = {size: ap.loader(self.train_set, size, num_workers=workers, seed=args.seed, runtime=rt)
+                for size in dict.fromkeys(batches.values())}
+        self.loaders = {stage: made[size] for stage, size in batches.items()}  # one loader when the sizes match
         self.micro_batches = {stage: self._micro_batches(loader) for stage, loader in self.loaders.items()}
         self.val_loader = ap.loader(self.val_set, args.batch_size, train=False, num_workers=workers, runtime=rt)
 
@@ -133,14 +118,19 @@ class Trainer:
         self.start_epoch, self.step = 0, 0
         self.best: float | None = None
         self.best_epoch: int | None = None
-        self.writer = None
+        self.history: list[dict[str, Any]] = []  # history.jsonl's records, for curves.png
         if args.resume_from:
             self.resume(args.resume_from)
 
-    # --- bookkeeping -------------------------------------------------------------------------------------
-
     def stage(self, epoch: int) -> str:
+        """The phase ``epoch`` belongs to: ``stage1`` or ``stage2`` (whose flags, e.g. --stage2-lr, apply)."""
         return "stage1" if epoch < self.args.stage1_epochs else "stage2"
+
+    def stage_label(self, epoch: int) -> str:
+        """``stage 1/2`` or ``stage 2/2`` in a two-stage run; empty when the run has one stage."""
+        if len(self.plan.phases) == 1:
+            return ""
+        return "stage 1/2" if self.stage(epoch) == "stage1" else "stage 2/2"
 
     def _micro_batches(self, loader: Any) -> int:
         """Micro-batches per epoch: the loader's, capped by --max-steps-per-epoch, a multiple of accumulation.
@@ -153,7 +143,7 @@ class Trainer:
             available = min(available, self.args.max_steps_per_epoch)
         usable = available - available % self.args.accumulation_steps
         if usable == 0:
-            raise ValueError(f"{len(self.train_set)} training images give {available} batch(es) of "
+            raise UserError(f"{len(self.train_set)} training images give {available} batch(es) of "
                              f"{loader.global_batch_size} per epoch, fewer than --accumulation-steps "
                              f"{self.args.accumulation_steps}: lower --accumulation-steps or --batch-size")
         return usable
@@ -171,12 +161,11 @@ class Trainer:
     def _group_lrs(self) -> dict[str, float]:
         return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
 
-    # --- resume ------------------------------------------------------------------------------------------
-
     def resume(self, path: str) -> None:
         """Restores a run from ``path``; the upstream's ``best_model.pth`` restores weights and epoch only."""
         info = ap.load_checkpoint(path, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                                  scheduler=self.scheduler, scaler=self.scaler, restore_rng=True)
+                                  scheduler=self.scheduler, scaler=self.scaler, restore_rng=True,
+                                  trusted=self.args.trust_checkpoint)
         epoch = info["epoch"]
         self.start_epoch = 0 if epoch is None else int(epoch) + 1
         expected = self.steps_before(self.start_epoch)
@@ -190,8 +179,8 @@ class Trainer:
                 ap.print(f"note: {path} was saved after {self.step} optimizer steps; this configuration has "
                          f"{expected} before epoch {self.start_epoch + 1}: the LR schedule continues from the former")
         else:
-            # Weights only: the optimizer starts fresh and the schedule jumps to where this epoch begins. The
-            # upstream's best_iou came from its own batch-pooled metrics, so best selection starts over.
+            # Weights only: the optimizer starts fresh and the schedule jumps to where this epoch begins. An
+            # upstream best_iou came from batch-pooled metrics, not these, so best selection starts over.
             self.step = expected
             fast_forward(self.scheduler, self.step)
             ap.print(f"{path} is a {info['format']} checkpoint: loaded its weights only (no optimizer, scheduler "
@@ -200,19 +189,16 @@ class Trainer:
                  f"{self.unfreeze.describe(self.start_epoch)}, lr "
                  + ", ".join(f"{name} {lr:.3g}" for name, lr in self._group_lrs().items()))
 
-    # --- one epoch ---------------------------------------------------------------------------------------
-
     def _scheduler_step(self) -> None:
-        if self.accumulator.last_step_skipped:
-            # An overflow step the scaler skipped still advances the schedule (it is indexed by step);
-            # torch warns that optimizer.step() was not called, which is intended here.
-            with warnings.catch_warnings():
+        # An overflow step the scaler skipped still advances the schedule (it is indexed by step); torch then
+        # warns that optimizer.step() was not called, which is intended here.
+        with warnings.catch_warnings():
+            if self.accumulator.last_step_skipped:
                 warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
-        else:
             self.scheduler.step()
 
-    def train_one_epoch(self, epoch: int) -> dict[str, Any]:
+    def train_one_epoch(self, epoch: int, clock: console.RunClock | None = None) -> dict[str, Any]:
+        """One epoch of training; ``clock`` (the run's ETA) advances with every micro-batch."""
         rt, args = self.rt, self.args
         stage = self.stage(epoch)
         if set_trainable(ap.unwrap(self.model).backbone, self.stages, self.unfreeze.level(epoch)):
@@ -223,10 +209,12 @@ class Trainer:
         loader.set_epoch(epoch)
         num_micro = self.micro_batches[stage]
         zero = torch.zeros((), device=rt.device)
-        loss_sum, finite_count, window, window_count, skipped = zero.clone(), zero.clone(), zero.clone(), 0, 0
+        loss_sum, finite_count, skipped = zero.clone(), zero.clone(), 0
         self.model.train()
-        bar = ap.progress(total=num_micro, desc=f"epoch {epoch + 1}/{args.epochs} [{stage}]", leave=False,
-                          dynamic_ncols=True)
+        label = self.stage_label(epoch)
+        bar = ap.progress(total=num_micro, desc=f"epoch {epoch + 1}/{args.epochs}" + (f" [{label}]" if label else ""),
+                          leave=False, dynamic_ncols=True)
+        shown = console.BarLoss(bar, rt.device, every_steps=args.log_every, every_s=LOSS_REFRESH_S, show=rt.is_main)
         started = time.perf_counter()
         for images, masks in itertools.islice(loader, num_micro):
             images = images.to(rt.device, non_blocking=True)
@@ -243,22 +231,16 @@ class Trainer:
             loss = torch.where(finite, loss, zero)
             loss_sum += loss
             finite_count += finite
-            window += loss
-            window_count += 1
+            shown.add(loss)
             if self.accumulator.step():
                 self._scheduler_step()
                 self.step += 1
                 skipped += int(self.accumulator.last_step_skipped)
                 if self.ema is not None and not self.accumulator.last_step_skipped:
                     self.ema.update()
-                if self.step % args.log_every == 0:
-                    window_loss = (window / window_count).item()  # the only host sync every log_every steps
-                    bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
-                    if self.writer is not None:
-                        self.writer.add_scalar("train/loss", window_loss, self.step)
-                        for name, lr in self._group_lrs().items():
-                            self.writer.add_scalar(f"lr/{name}", lr, self.step)
-                    window, window_count = zero.clone(), 0
+                shown.after_step(self.step, self.optimizer.param_groups[-1]["lr"], clock and clock.eta())
+            if clock is not None:
+                clock.advance()
             bar.update(1)
         bar.close()
         elapsed = time.perf_counter() - started
@@ -282,38 +264,29 @@ class Trainer:
 
     @torch.no_grad()
     def _sync_ema_buffers(self) -> None:
-        """Gives every rank rank 0's EMA buffers (BatchNorm statistics), the ones its checkpoint saves.
-
-        Each rank's model updates its BatchNorm statistics with its own batch, so each rank's EMA drifts
-        apart in its buffers; validating with rank 0's makes every rank score the model that is saved.
-        """
+        """Gives every rank rank 0's EMA buffers (BatchNorm statistics, which drift apart per rank's batches), so
+        every rank scores the model that rank 0's checkpoint saves."""
         for buffer in self.ema.module.buffers():
             buffer.copy_(ap.all_gather(buffer.detach()[None])[0])
 
     # --- the run -----------------------------------------------------------------------------------------
 
-    def _print_plan(self) -> None:
-        args, cfg = self.args, self.config
-        ap.print(f"CamoXpert: backbone {args.backbone} ("
-                 + ("pretrained" if self.pretrained_loaded else "random initialisation") + f"), "
-                 f"{args.num_experts} experts, top-{cfg['top_k']}, {args.img_size} px, deep supervision "
-                 + ("on" if args.deep_supervision else "off"))
-        ap.print(f"data: {len(self.train_set)} training / {len(self.val_set)} validation images from "
-                 f"{args.dataset_path}")
-        ap.print(f"batch: {_describe_batch(args.batch_size, args.accumulation_steps, self.rt)}")
-        if cfg["stage2_batch_size"] != args.batch_size:
-            ap.print(f"stage-2 batch: {_describe_batch(cfg['stage2_batch_size'], args.accumulation_steps, self.rt)}")
-        if not self.pretrained_loaded and args.freeze_backbone == "auto":
-            ap.print("no pretrained backbone weights were loaded, so the backbone trains from the first epoch "
-                     f"(freezing random features only trains the decoder on noise) at {cfg['backbone_lr_scale']:g} x "
-                     "the LR; pass --freeze-backbone always to freeze it in stage 1 anyway")
-        if args.progressive_unfreeze and not cfg["freeze_stage1"]:
-            ap.print("note: --progressive-unfreeze has no effect, since the backbone is not frozen in stage 1")
-        phases = ", ".join(f"{p.name} {p.num_steps} steps at peak LR {p.peak_lr:.3g} (warm-up {p.warmup_steps})"
-                           for p in self.plan.phases)
-        ap.print(f"schedule: {args.scheduler}, {phases}, min LR {args.min_lr:.3g}, backbone LR x "
-                 f"{cfg['backbone_lr_scale']:g}; stage 1 {self.unfreeze.describe(0)}")
-        ap.print(f"checkpoints: {self.checkpoint_dir.resolve()} (best by validation {args.metric})")
+    def _start(self) -> None:
+        """Before the first epoch, on the main process: free space, ``args.json``, the earlier history."""
+        # The run folder was claimed (camoxpert.run_dir.claim) by every process before any of them got here.
+        if not self.rt.is_main:
+            return
+        run_dir.check_free_space(self.checkpoint_dir, run_dir.checkpoint_bytes(ap.unwrap(self.model),
+                                                                              ema=self.ema is not None))
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (self.checkpoint_dir / "args.json").write_text(json.dumps(self.config, indent=2, default=str) + "\n")
+        history = self.checkpoint_dir / "history.jsonl"
+        if self.start_epoch and history.is_file():  # a continued run: its curves start at epoch 1
+            records = map(json.loads, history.read_text().splitlines())
+            self.history = [record for record in records if record["epoch"] <= self.start_epoch]
+        if not curves.available():
+            ap.print("note: matplotlib is not installed, so curves.png is not written (pip install matplotlib); "
+                     "history.jsonl has the same numbers")
 
     def fit(self, num_epochs: int | None = None) -> dict[str, Any]:
         """Trains from ``start_epoch`` to ``--epochs``; returns the best and the last validation results.
@@ -324,15 +297,13 @@ class Trainer:
         """
         args = self.args
         end_epoch = args.epochs if num_epochs is None else min(args.epochs, self.start_epoch + num_epochs)
-        if self.rt.is_main:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            (self.checkpoint_dir / "args.json").write_text(json.dumps(self.config, indent=2, default=str) + "\n")
-            if SummaryWriter is not None:
-                self.writer = SummaryWriter(log_dir=str(self.checkpoint_dir / "tensorboard"))
-        self._print_plan()
+        self._start()
+        for line in console.plan_lines(self):
+            ap.print(line)
+        clock = console.RunClock(sum(self.micro_batches[self.stage(e)] for e in range(self.start_epoch, args.epochs)))
         last_val: dict[str, float] | None = None
         for epoch in range(self.start_epoch, end_epoch):
-            stats = self.train_one_epoch(epoch)
+            stats = self.train_one_epoch(epoch, clock)
             val = None
             if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
                 val = last_val = self.validate()
@@ -346,33 +317,29 @@ class Trainer:
             record = {"epoch": epoch + 1, "stage": self.stage(epoch), "step": self.step,
                       "unfreeze": self.unfreeze.describe(epoch), "lr": self._group_lrs(), **stats, "val": val,
                       "best": is_best}
-            self._log_epoch(record)
+            ap.print(console.epoch_line(record, epochs=args.epochs, label=self.stage_label(epoch),
+                                        lr=self.optimizer.param_groups[-1]["lr"], eta=clock.eta()))
+            self._record(record)
         return self._finish(last_val)
 
-    def _log_epoch(self, record: dict[str, Any]) -> None:
-        val = record["val"]
-        line = f"epoch {record['epoch']}/{self.args.epochs} [{record['stage']}] loss {record['train_loss']:.4f}"
-        if val is not None:
-            line += " | val " + " ".join(f"{name} {value:.4f}" for name, value in val.items())
-        line += f" | lr {self.optimizer.param_groups[-1]['lr']:.3g} | {record['time_s']:.1f} s, " \
-                f"{record['images_per_s']:.1f} img/s" + (" | best" if record["best"] else "")
-        ap.print(line)
+    def _record(self, record: dict[str, Any]) -> None:
+        """Appends ``record`` to ``history.jsonl`` and redraws ``curves.png`` (main process only)."""
         if not self.rt.is_main:
             return
         with open(self.checkpoint_dir / "history.jsonl", "a") as history:
             history.write(json.dumps(record) + "\n")
-        if self.writer is not None and val is not None:
-            for name, value in val.items():
-                self.writer.add_scalar(f"val/{name}", value, record["epoch"])
+        self.history.append(record)
+        if curves.available():
+            curves.write_curves(self.history, self.checkpoint_dir / "curves.png")
 
     def _finish(self, last_val: dict[str, float] | None) -> dict[str, Any]:
-        if self.writer is not None:
-            self.writer.close()
         best_text = "none (no validation ran)" if self.best is None else \
             f"{self.best:.4f} at epoch {self.best_epoch}"
         ap.print(f"done: best validation {self.args.metric} {best_text}")
         ap.print(f"checkpoints: best {self.keeper.best or '-'} | last {self.keeper.last or '-'} | history "
                  f"{self.checkpoint_dir / 'history.jsonl'}")
+        if self.history:
+            ap.print(f"curves: {self.checkpoint_dir / 'curves.png'}")
         return {"metric": self.args.metric, "best_metric": self.best, "best_epoch": self.best_epoch,
                 "last_val": last_val, "epochs": self.args.epochs, "start_epoch": self.start_epoch,
                 "steps": self.step, "checkpoint_dir": str(self.checkpoint_dir)}

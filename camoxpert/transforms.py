@@ -108,8 +108,7 @@ def train_transform(
 ) -> v2.Transform:
     """Random resized crop, horizontal flip, small rotation, colour jitter (image only), normalisation.
 
-    No vertical flip or 90-degree turns (the upstream had them): camouflaged animals have an up, and
-    gravity is part of the scene.
+    No vertical flip or 90-degree turns: camouflaged animals have an up, and gravity is part of the scene.
     """
     transforms = [
         _RandomResizedCrop(img_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True),

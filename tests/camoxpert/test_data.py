@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from camoxpert.data import build_eval_dataset, build_train_val, detect_layout, pair_files
+from camoxpert.data import build_eval_dataset, build_train_val, detect_layout, pair_files, read_mask
+from camoxpert.decode import MaskFormatError
+from camoxpert.errors import UnreadableFileError
 from camoxpert.synthetic import generate_dataset
 from camoxpert.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -302,3 +304,65 @@ def test_unusable_cache_dir_falls_back_to_memory(tmp_path, cod10k, caplog):
     assert "caching in memory" in caplog.text
     with pytest.raises(ValueError, match="cache='disc'"):
         build_eval_dataset(cod10k, img_size=16, cache="disc")
+
+
+# --- what a mask means ---------------------------------------------------------------------------------------
+
+
+def _object() -> np.ndarray:
+    mask = np.zeros((24, 32), bool)
+    mask[5:19, 8:26] = True
+    return mask
+
+
+@pytest.mark.parametrize(("name", "pixels"), [
+    ("0-255", _object().astype(np.uint8) * 255),
+    ("0-1", _object().astype(np.uint8)),
+    ("0-100", _object().astype(np.uint8) * 100),
+    ("16-bit 0-65535", _object().astype(np.uint16) * 65535),
+    ("16-bit 0-1", _object().astype(np.uint16)),
+])
+def test_binary_masks_of_any_scale_read_the_same(tmp_path, name, pixels):
+    path = tmp_path / "mask.png"
+    Image.fromarray(pixels).save(path)
+    np.testing.assert_array_equal(read_mask(path), _object().astype(np.uint8) * 255)
+
+
+def test_palette_mask_foreground_is_the_non_zero_index_whatever_its_colour(tmp_path):
+    palette_mask = Image.fromarray(_object().astype(np.uint8), mode="P")
+    palette_mask.putpalette([255, 255, 255, 20, 0, 0] + [0] * 762)  # background white, object near black
+    palette_mask.save(tmp_path / "mask.png")
+    assert Image.open(tmp_path / "mask.png").mode == "P"
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), _object().astype(np.uint8) * 255)
+
+
+def test_colour_mask_on_black_reads_as_its_object(tmp_path):
+    rgb = np.zeros((24, 32, 3), np.uint8)
+    rgb[_object()] = (255, 0, 0)  # a red object: 76 in grayscale, below the 0/255 threshold
+    Image.fromarray(rgb).save(tmp_path / "mask.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), _object().astype(np.uint8) * 255)
+
+
+def test_anti_aliased_grayscale_keeps_the_128_threshold(tmp_path):
+    grey = _object().astype(np.uint8) * 250
+    grey[5, 8:26] = 200  # soft top edge: object
+    grey[18, 8:26] = 128  # soft bottom edge at exactly 128: background, as py_sod_metrics binarises
+    grey[6:18, 7] = 40
+    Image.fromarray(grey).save(tmp_path / "mask.png")
+    expected = np.where(grey > 128, 255, 0)
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), expected)
+
+
+@pytest.mark.parametrize(("pixels", "reason"), [
+    (np.tile(np.linspace(0, 255, 32).astype(np.uint8), (24, 1)), "mid-grey"),  # a photograph or probability map
+    (np.tile(np.array([0, 1, 2, 3], np.uint8).repeat(8), (24, 1)), "none near the full scale 255"),  # labels
+])
+def test_a_mask_that_is_not_binary_is_refused_with_its_name(tmp_path, cod10k, pixels, reason):
+    root = _copy(cod10k, tmp_path / "d")
+    victim = sorted((root / "Train" / "GT_Object").iterdir())[4]
+    Image.fromarray(pixels).save(victim)
+    with pytest.raises(MaskFormatError, match=rf"mask .*{victim.name} is not a binary mask \(.*{reason}"):
+        read_mask(victim)
+    with pytest.raises(UnreadableFileError, match=rf"(?s)1 of 20 masks under .* are not binary masks:\n  "
+                                                  rf"{victim.name} \(.*{reason}.*\nFix: save masks with 0"):
+        build_train_val(root, img_size=16, cache_dir=tmp_path / "cache")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,12 @@ import torch
 from PIL import Image
 
 import autoparallel as ap
+from camoxpert import console
 from camoxpert.cli import get_args_parser, main
+from camoxpert.console import describe_batch, epoch_line
 from camoxpert.metrics import METRIC_NAMES
 from camoxpert.synthetic import generate_dataset
-from camoxpert.train import Trainer, _describe_batch
+from camoxpert.train import Trainer
 
 # Two test images get non-square original sizes, so predictions must be resized back to them.
 RESIZED = {0: (80, 56), 1: (48, 72)}  # test image number -> (width, height)
@@ -151,10 +154,10 @@ def test_predict_writes_masks_at_the_original_sizes(straight_run, dataset, tmp_p
 
 def test_batch_description_states_the_per_process_share_and_effective_batch():
     ddp = ap.Runtime(mode="ddp", device=torch.device("cpu"), device_ids=(), world_size=2, backend="gloo")
-    assert _describe_batch(16, 2, ddp) == ("global batch 16 per micro-step (8 per process x 2 processes) x 2 "
-                                           "accumulation step(s) = effective batch 32 per optimizer step")
+    assert describe_batch(16, 2, ddp) == ("global batch 16 per micro-step (8 per process x 2 processes) x 2 "
+                                          "accumulation step(s) = effective batch 32 per optimizer step")
     dp = ap.Runtime(mode="dp", device=torch.device("cuda", 0), device_ids=(0, 1), precision="fp16")
-    assert "split by DataParallel over 2 GPUs, 6 on the first" in _describe_batch(12, 1, dp)
+    assert "split by DataParallel over 2 GPUs, 6 on the first" in describe_batch(12, 1, dp)
 
 
 def test_upstream_best_model_resumes_weights_and_epoch_only(straight_run, dataset, tmp_path, one_thread):
@@ -180,3 +183,80 @@ def test_epoch_length_is_whole_accumulation_windows_capped_by_max_steps(dataset,
     assert trainer.micro_batches == {"stage1": 2, "stage2": 2}
     assert [(p.name, p.num_steps) for p in trainer.plan.phases] == [("stage1", 1), ("stage2", 1)]
     assert trainer.loaders["stage2"].global_batch_size == 8
+
+
+def _history(directory: Path) -> list[dict]:
+    """history.jsonl without the timings, which differ from run to run."""
+    records = [json.loads(line) for line in (directory / "history.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in r.items() if key not in ("time_s", "images_per_s")} for r in records]
+
+
+def test_masks_in_0_1_and_in_0_255_train_and_score_identically(dataset, tmp_path, one_thread):
+    zero_one = tmp_path / "zero-one"
+    shutil.copytree(dataset, zero_one, ignore=shutil.ignore_patterns(".camoxpert-cache"))
+    for mask_path in zero_one.glob("*/GT_Object/*.png"):
+        pixels = np.asarray(Image.open(mask_path))
+        assert set(np.unique(pixels).tolist()) <= {0, 255}
+        Image.fromarray((pixels > 0).astype(np.uint8)).save(mask_path)  # the same masks as 0/1
+    runs = {}
+    for name, root in (("0-255", dataset), ("0-1", zero_one)):
+        argv = ["train", "--dataset-path", str(root), "--checkpoint-dir", str(tmp_path / name), "--backbone",
+                "edgenext_xx_small", "--no-pretrained", "--num-experts", "2", "--img-size", "32", "--batch-size", "4",
+                "--epochs", "2", "--stage1-epochs", "0", "--val-fraction", "0.2", "--max-steps-per-epoch", "2",
+                "--num-workers", "0", "--device", "cpu", "--seed", "1"]
+        assert main(argv) == 0
+        assert main(["evaluate", "--checkpoint", str(tmp_path / name / "last.pt"), "--num-workers", "0",
+                     "--device", "cpu"]) == 0
+        runs[name] = (_history(tmp_path / name), json.loads((tmp_path / name / "metrics_test.json").read_text()))
+    # Same process, same thread count, same batch shapes: the runs are the same computation, bit for bit.
+    assert runs["0-1"][0] == runs["0-255"][0]
+    assert runs["0-1"][1]["metrics"] == runs["0-255"][1]["metrics"]
+    # All 8 test images scored: none of the 0/1 masks was taken for an empty (NonCAM) one.
+    assert runs["0-1"][1]["num_images"] == runs["0-255"][1]["num_images"] == 8
+
+
+def test_curves_are_written_after_every_epoch(straight_run, dataset, tmp_path, one_thread):
+    _, _, directory = straight_run
+    with Image.open(directory / "curves.png") as curves:
+        assert (curves.format, curves.size) == ("PNG", (1100, 400))
+    session = Trainer(_train_args(dataset, tmp_path))
+    session.fit(num_epochs=1)  # a run stopped (or killed) after epoch 1 has its curves so far
+    with Image.open(tmp_path / "curves.png") as curves:
+        assert curves.format == "PNG"
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_stage_labels_name_the_stages_a_run_has(straight_run):
+    trainer, _, _ = straight_run
+    assert [trainer.stage_label(epoch) for epoch in (0, 1)] == ["stage 1/2", "stage 2/2"]
+    record = {"epoch": 1, "train_loss": 0.5, "val": None, "time_s": 2.0, "images_per_s": 8.0, "best": False}
+    assert epoch_line(record, epochs=2, label="stage 1/2", lr=1e-3, eta="3 s") == (
+        "epoch 1/2 [stage 1/2] loss 0.5000 | lr 0.001 | 2.0 s, 8.0 img/s | run ETA 3 s")
+    assert epoch_line(dict(record, epoch=2), epochs=2, label="", lr=1e-3, eta="0 s") == (
+        "epoch 2/2 loss 0.5000 | lr 0.001 | 2.0 s, 8.0 img/s")
+
+
+class _Bar:
+    def __init__(self) -> None:
+        self.postfixes: list[dict] = []
+
+    def set_postfix(self, postfix: dict) -> None:
+        self.postfixes.append(postfix)
+
+
+def test_bar_loss_reads_the_device_after_the_first_step_then_every_few_seconds(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(console.time, "perf_counter", lambda: now[0])
+    bar = _Bar()
+    shown = console.BarLoss(bar, torch.device("cpu"), every_steps=1000, every_s=2.0, show=True)
+    for step, (loss, seconds) in enumerate([(1.0, 0.5), (3.0, 0.5), (5.0, 0.5), (7.0, 0.5), (9.0, 0.5)], start=1):
+        shown.add(torch.tensor(loss))
+        shown.after_step(step, lr=0.01, eta=None)
+        now[0] += seconds
+    # Step 1 at once, then nothing until 2 s have passed (step 5): two host syncs for five steps.
+    assert bar.postfixes == [{"loss": "1.0000", "lr": "1.00e-02"}, {"loss": "6.0000", "lr": "1.00e-02"}]
+    hidden = console.BarLoss(_Bar(), torch.device("cpu"), every_steps=1, every_s=0.0, show=False)
+    hidden.add(torch.tensor(1.0))
+    hidden.after_step(1, lr=0.01, eta=None)
+    assert hidden.bar.postfixes == []  # other ranks never sync for a bar they do not show

@@ -139,6 +139,8 @@ def test_resume_finds_last_pt(tmp_path, capsys):
     (["--simulate", "2xT4"], {}, "--simulate only describes another machine: add --dry-run"),
     (["--dry-run", "--batch-size", "8", "--per-gpu-batch-size", "4"], {}, "keep one"),
     (["--dry-run"], {"EPOCHS": "many"}, "EPOCHS='many' is not an integer"),
+    (["--dry-run"], {"AUTOPARALLEL_STRATEGY": "fast"}, "AUTOPARALLEL_STRATEGY='fast' is not valid: choose one of"),
+    (["--dry-run", "--num-workers", "-1"], {}, "--num-workers=-1 is too small: it must be at least 0"),
 ])
 def test_usage_errors_exit_2(tmp_path, capsys, argv, environ, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -159,21 +161,65 @@ def test_script_dry_run_simulating_two_t4(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_demo_end_to_end(tmp_path):
+def test_small_demo_end_to_end_in_its_own_folders(tmp_path):
     # One thread: on a shared 2-core machine OpenMP's spinning threads make a step ten times slower.
     env = dict(os.environ, CAMOXPERT_KAGGLE_INPUT=str(tmp_path / "none"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, str(REPO / "kaggle_2gpu_train.py"), "--demo-small"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
+
+    def demo_small(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "kaggle_2gpu_train.py"), "--demo-small", *flags],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    result = demo_small()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    demo = tmp_path / "checkpoints" / "demo"
+    demo = tmp_path / "checkpoints" / "demo-small"
     assert "DEMO: asked for (--demo-small)" in result.stdout
     assert f"  checkpoints:       {demo} (best.pt, last.pt, history.jsonl)" in result.stdout
+    assert f"  curves:            {demo / 'curves.png'}" in result.stdout
     assert "  test metrics:      IoU " in result.stdout
     assert (demo / "best.pt").is_file()
     assert (demo / "last.pt").is_file()
+    assert (demo / "curves.png").is_file()
     assert json.loads((demo / "metrics_test.json").read_text())["num_images"] == 4
     assert len(list((demo / "predictions").glob("*.png"))) == 4
+    # Its own folders: `make demo`'s checkpoints and data set are not touched.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["demo-small"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic-cod-small"]
+
+    best = (demo / "best.pt").read_bytes()
+    again = demo_small()
+    assert again.returncode == 2
+    assert f"{demo} already holds a run" in again.stderr
+    assert "pass --resume to continue it, --overwrite to start over there" in again.stderr
+    assert (demo / "best.pt").read_bytes() == best
+
+    (demo / "predictions" / "from-another-data-set.png").write_bytes(b"")
+    resumed = demo_small("--resume")  # nothing left to train: evaluation and predictions again
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert len(list((demo / "predictions").glob("*.png"))) == 4  # this run's masks only
+    assert (demo / "best.pt").read_bytes() == best
+
+
+def test_a_rerun_into_a_used_folder_is_refused_before_training(tmp_path, capsys):
+    make_cod10k(tmp_path / "work" / "COD10K-v3")
+    checkpoints = tmp_path / "work" / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "last.pt").write_bytes(b"an earlier run")
+    with pytest.raises(SystemExit) as exit_info:
+        kaggle.main([], environ={}, hardware=Hardware(), kaggle_input=tmp_path / "kaggle_input",
+                    kaggle_working=tmp_path / "kaggle_working", cwd=tmp_path / "work")
+    assert exit_info.value.code == 2
+    assert (f"{checkpoints} already holds a run (last.pt); nothing was replaced: pass --resume to continue it, "
+            "--overwrite to start over there (its files are removed) or another --checkpoint-dir for a new run"
+            in " ".join(capsys.readouterr().err.split()))
+    assert (checkpoints / "last.pt").read_bytes() == b"an earlier run"
+
+
+def test_the_small_demo_has_its_own_folders(tmp_path, capsys):
+    assert run_dry(tmp_path, "--demo-small", hardware=Hardware()) == 0
+    flags = flags_of(capsys.readouterr().out)
+    assert flags["--checkpoint-dir"] == str(tmp_path / "work" / "checkpoints" / "demo-small")
+    assert flags["--dataset-path"] == str(tmp_path / "work" / "data" / "synthetic-cod-small")
 
 
 def test_demo_data_is_generated_once_and_replaced_when_the_demo_changes(tmp_path):
