@@ -25,6 +25,7 @@ from .launch import launch, requested_processes
 from .output import banner, print, print_banner, progress
 from .precision import autocast, grad_scaler
 from .runtime import is_main_process, runtime
+from .stop import EXIT_RESUMABLE, StopRequest, parse_duration
 from .wrap import unwrap, wrap
 
 __version__ = "0.2.0"
@@ -39,6 +40,7 @@ def effective_batch_size(global_batch: int, accumulation_steps: int) -> int:
 
 __all__ = [
     "EMA",
+    "EXIT_RESUMABLE",
     "CheckpointError",
     "CheckpointKeeper",
     "CheckpointMismatchError",
@@ -47,6 +49,7 @@ __all__ = [
     "GradientAccumulator",
     "Hardware",
     "Runtime",
+    "StopRequest",
     "UntrustedCheckpointError",
     "UsageError",
     "all_gather",
@@ -62,6 +65,7 @@ __all__ = [
     "launch",
     "load_checkpoint",
     "loader",
+    "parse_duration",
     "print",
     "print_banner",
     "probe_hardware",

@@ -53,7 +53,8 @@ def _save(path: PathLike, after_write: Callable[[Path], None] | None, *, model: 
     states: list[Any] | None = [rng.capture()]
     if group.is_distributed():
         gathered: list[Any] | None = [None] * group.world_size() if group.rank() == 0 else None
-        dist.gather_object(states[0], gathered, dst=0)
+        with group.explained(f"save_checkpoint({path.name}) gathering the random states"):
+            dist.gather_object(states[0], gathered, dst=0)
         states = gathered
     failure: str | None = None
     error: BaseException | None = None
@@ -72,7 +73,8 @@ def _save(path: PathLike, after_write: Callable[[Path], None] | None, *, model: 
     if group.is_distributed():
         # Acts as the barrier: no rank goes on before the file is complete, and none hangs if rank 0 failed.
         status = [failure]
-        dist.broadcast_object_list(status, src=0)
+        with group.explained(f"save_checkpoint({path.name}) waiting for rank 0's write"):
+            dist.broadcast_object_list(status, src=0)
         failure = status[0]
     if error is not None:
         raise error
@@ -228,8 +230,8 @@ def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any 
             since ``load_state_dict`` copies onto the parameters' devices anyway.
 
     Returns:
-        ``{"epoch", "step", "extra", "format"}``; the format is "autoparallel", "tutorial", "state_dict",
-        "model", "lightning" or "raw".
+        ``{"epoch", "step", "extra", "loader", "format"}`` (``loader``: the saved loader position, for a loader
+        not passed here); the format is "autoparallel", "tutorial", "state_dict", "model", "lightning" or "raw".
     """
     path = Path(path)
     checkpoint = statedict.interpret(checkpoint_file.read(path, trusted=trusted, map_location=map_location), path,
@@ -262,4 +264,4 @@ def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any 
         action()
     logger.info("loaded checkpoint %s (%s layout, epoch %s)", path, checkpoint["kind"], checkpoint.get("epoch"))
     return {"epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"), "extra": checkpoint.get("extra") or {},
-            "format": checkpoint["kind"]}
+            "loader": checkpoint.get("loader"), "format": checkpoint["kind"]}

@@ -175,17 +175,19 @@ def read(path: Path, *, trusted: bool, map_location: Any) -> Any:
         raise
     except pickle.UnpicklingError as exc:
         found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
-        if trusted or not found:
-            hint = "" if trusted else " If it is a legacy checkpoint you trust, load it as trusted."
-            raise CorruptCheckpointError(f"checkpoint {path} cannot be read: {str(exc)[:300]}.{hint}") from exc
+        if trusted or not found:  # no pickled class named: damage, not a legacy format worth trusting
+            detail = next((line for line in str(exc).splitlines() if "Unpickler error" in line), str(exc)[:200])
+            raise CorruptCheckpointError(f"checkpoint {path} is damaged or not a PyTorch checkpoint "
+                                         f"({detail.strip()}). Use an earlier copy, e.g. best.pt, last.pt or an "
+                                         "epoch_XXXX.pt file") from exc
         try:  # list every offending global, not only the first one the unpickler met
             found = torch.serialization.get_unsafe_globals_in_checkpoint(path) or found
         except Exception:  # a nicer message is optional
             pass
         raise UntrustedCheckpointError(
             f"checkpoint {path} needs pickled Python objects to load ({', '.join(found)}), and unpickling can run "
-            "arbitrary code, so it was refused. If you made this file or trust where it came from, load it as "
-            "trusted (load_checkpoint(..., trusted=True))") from None
+            "arbitrary code, so it was refused. If you made this file or trust where it came from, call "
+            "load_checkpoint(..., trusted=True)") from None
     except Exception as exc:  # truncated zip, damaged records, a foreign file: all the same to the caller
         raise CorruptCheckpointError(f"checkpoint {path} is damaged, truncated or not a PyTorch checkpoint "
                                      f"({type(exc).__name__}: {str(exc)[:200]}). Use an earlier copy, e.g. best.pt, "

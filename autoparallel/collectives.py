@@ -50,8 +50,9 @@ def _reduce_tensor(tensor: torch.Tensor, op: str) -> torch.Tensor:
     if not group.is_distributed():
         return work.clone()
     work = work.to(group.comm_device(), copy=True)
-    dist.all_reduce(work, op={"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                              "min": dist.ReduceOp.MIN}[op])
+    with group.explained("all_reduce"):
+        dist.all_reduce(work, op={"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                  "min": dist.ReduceOp.MIN}[op])
     if op == "mean":
         work /= group.world_size()  # ReduceOp.AVG exists only on nccl
     return work.to(tensor.device)
@@ -82,7 +83,8 @@ def _gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     device, world_size = group.comm_device(), group.world_size()
     row = _shape_row(work).to(device)
     rows = [torch.empty_like(row) for _ in range(world_size)]
-    dist.all_gather(rows, row)
+    with group.explained("all_gather"):
+        dist.all_gather(rows, row)
     rows = [r.cpu() for r in rows]
     for rank, other in enumerate(rows):  # the same error on every rank, not a hang
         if not torch.equal(other[:2], rows[0][:2]) or not torch.equal(other[3:], rows[0][3:]):
@@ -93,7 +95,8 @@ def _gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros((max(sizes), *work.shape[1:]), dtype=work.dtype, device=device)
     padded[: work.shape[0]] = work.to(device)
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded)
+    with group.explained("all_gather"):
+        dist.all_gather(gathered, padded)
     return torch.cat([part[:size] for part, size in zip(gathered, sizes)]).to(tensor.device)
 
 
@@ -111,10 +114,11 @@ def barrier() -> None:
     """Waits until every rank reaches this point; returns at once outside DDP."""
     if not group.is_distributed():
         return
-    if group.current().backend == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])  # else nccl may guess GPU 0 for this rank
-    else:
-        dist.barrier()
+    with group.explained("barrier"):
+        if group.current().backend == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])  # else nccl may guess GPU 0 for this rank
+        else:
+            dist.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -122,5 +126,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not group.is_distributed():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    with group.explained("broadcast_object"):
+        dist.broadcast_object_list(holder, src=src)
     return holder[0]

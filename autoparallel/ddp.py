@@ -191,7 +191,8 @@ class DistributedModel(DropInWrapper, nn.Module):
         with torch.no_grad():
             for buffers in groups.values():
                 flat = torch.cat([b.reshape(-1) for b in buffers])
-                dist.broadcast(flat, src=0)
+                with group.explained("the broadcast of rank 0's buffers after a training forward"):
+                    dist.broadcast(flat, src=0)
                 offset = 0
                 for b in buffers:
                     b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
@@ -205,7 +206,8 @@ class DistributedModel(DropInWrapper, nn.Module):
         output = self._ddp(*args, **kwargs)
         unused, reentrant = _graph_facts(output, self._params)
         flags = torch.tensor([float(unused), float(reentrant)], device=group.comm_device())
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank must decide alike
+        with group.explained("the first training step's agreement on unused parameters"):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank must decide alike
         self.__dict__["_probe"] = False
         if not flags[0] or flags[1]:  # all used, or reentrant checkpoints (which need False): keep False
             return output

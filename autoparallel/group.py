@@ -5,6 +5,10 @@ Whoever made the default group (our :func:`autoparallel.runtime`, torchrun + the
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,3 +55,48 @@ def comm_device() -> torch.device:
     if group is not None and group.backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited past the process group's timeout: some rank never reached it."""
+
+
+_TIMEOUT_WORDS = ("timed out", "timeout", "wait timeout")
+TRACE_PREFIX = os.path.join(tempfile.gettempdir(), "autoparallel-nccl-trace", "rank_")
+
+
+def debug_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
+    """Turn on torch's NCCL flight recorder and its dump on timeout, unless already set; returns what was set.
+
+    Both names of each setting are set, as torch renamed them (``TORCH_NCCL_*`` to ``TORCH_FR_*``) over
+    versions; a hang then leaves ``<TRACE_PREFIX><rank>`` files that ``torchfrtrace`` reads.
+    """
+    wanted = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_FR_BUFFER_SIZE": "2000",
+              "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": TRACE_PREFIX,
+              "TORCH_FR_DUMP_TEMP_FILE": TRACE_PREFIX}
+    added = {key: value for key, value in wanted.items() if not environ.get(key)}
+    environ.update(added)
+    if added:
+        os.makedirs(os.path.dirname(TRACE_PREFIX), exist_ok=True)
+    return added
+
+
+@contextmanager
+def explained(operation: str) -> Iterator[None]:
+    """Re-raise a collective's timeout as :class:`CollectiveTimeout` naming this rank, the operation and the fixes."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, CollectiveTimeout) or not any(word in str(error).lower() for word in _TIMEOUT_WORDS):
+            raise
+        where = current()
+        rank = (f"rank {where.rank} of {where.world_size}" if where else
+                f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}")
+        trace = (f"; the NCCL flight recorder dumps its trace to {TRACE_PREFIX}<rank>"
+                 if where is not None and where.backend == "nccl" else "")
+        raise CollectiveTimeout(
+            f"{rank}: {operation} timed out (AUTOPARALLEL_TIMEOUT, default 1800 s): another rank never reached it. "
+            "It may have failed (see its output), be stuck, or have taken another path: a different number of "
+            "batches or steps, or a collective under `if rank == 0`. Try: AUTOPARALLEL_TIMEOUT=<seconds> to wait "
+            f"longer, TORCH_DISTRIBUTED_DEBUG=DETAIL to compare the ranks' collectives{trace}. ({error})"[:2000]
+        ) from error

@@ -31,12 +31,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import types
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Callable
 
+from . import group
 from .detect import parse_devices
 from .errors import UsageError
+from .stop import EXIT_RESUMABLE
 
 __all__ = ["launch", "launch_command", "requested_processes"]
 
@@ -145,6 +149,13 @@ def _record_exceptions_hook() -> None:
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:
         recorded = False
+        try:  # a timeout raised outside our collectives (DDP's backward) gets the same explanation
+            with group.explained("a collective (DDP's gradient all-reduce, or one of the script's)"):
+                raise exc.with_traceback(tb)
+        except group.CollectiveTimeout as explained:
+            exc_type, exc = type(explained), explained
+        except BaseException:
+            pass
         if issubclass(exc_type, Exception):
             # record_exception formats the exception being handled (traceback.format_exc), so re-raise it;
             # resetting __traceback__ keeps this frame out of the record (Python >= 3.11 reads it from there).
@@ -215,6 +226,12 @@ def launch(fn: Callable[..., Any] | None = None, *args: Any, nproc: int | None =
         return None
     command = launch_command(count)
     logger.info("re-launching as %d processes: %s", count, " ".join(command))
-    status = _run(command, _child_environment(count))
+    with tempfile.TemporaryDirectory(prefix="autoparallel-") as scratch:
+        stop_file = Path(scratch) / "stopped"
+        status = _run(command, {**_child_environment(count), "AUTOPARALLEL_STOP_FILE": str(stop_file)})
+        # The ranks agreed on a stop (ap.StopRequest): resumable, also when torchrun itself got the SIGTERM and
+        # exits non-zero after its workers stopped.
+        if stop_file.is_file():
+            status = EXIT_RESUMABLE
     # A negative status is a signal (Popen's convention); shells report those as 128 + signal number.
     sys.exit(status if status >= 0 else 128 - status)

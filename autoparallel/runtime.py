@@ -75,7 +75,10 @@ def _join_process_group(rt: Runtime, environ: MutableMapping[str, str]) -> None:
         environ[key] = value
     if rt.device.type == "cuda":
         torch.cuda.set_device(rt.device)
-    dist.init_process_group(backend=rt.backend, init_method="env://", timeout=process_group_timeout(environ))
+    if rt.backend == "nccl" and group.debug_environment(environ):
+        logger.info("NCCL flight recorder on: a timeout dumps each rank's trace to %s<rank>", group.TRACE_PREFIX)
+    with group.explained(f"joining the process group at {environ['MASTER_ADDR']}:{environ['MASTER_PORT']}"):
+        dist.init_process_group(backend=rt.backend, init_method="env://", timeout=process_group_timeout(environ))
     atexit.register(_destroy_process_group)
     logger.info("joined process group: rank %d of %d, backend %s", rt.rank, rt.world_size, rt.backend)
 

@@ -142,6 +142,13 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--log-every", type=int, default=20, help="optimizer steps between loss logs (default: 20)")
     run.add_argument("--max-steps-per-epoch", type=int, default=None,
                      help="stop each epoch after N micro-batches, for quick runs (default: whole epoch)")
+    run.add_argument("--time-budget", default=None, metavar="DURATION",
+                     help="stop cleanly after this long (11h30m, 90m, 45s or seconds), saving last.pt at the step "
+                          "it reached; SIGTERM, SIGINT and SIGUSR1 stop the same way. Exit status 75 means "
+                          "'stopped early: resume with --resume-from last.pt' (default: no budget)")
+    run.add_argument("--save-every", default=None, metavar="STEPS|DURATION",
+                     help="also save last.pt every N optimizer steps (500) or every DURATION (10m) within an epoch, "
+                          "bounding what a kill can lose (default: at the end of each epoch only)")
     _add_runtime_args(parser)
     parser.set_defaults(handler="train")
 
@@ -260,6 +267,13 @@ def validate_train_args(parser: argparse.ArgumentParser, args: argparse.Namespac
                      f"--stage2-lr {args.stage2_lr or args.lr})")
     if not 0.0 < args.val_fraction < 1.0:
         parser.error(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+    try:
+        if args.time_budget is not None:
+            ap.parse_duration(args.time_budget, "--time-budget")
+        if args.save_every is not None and not args.save_every.strip().isdigit() or args.save_every == "0":
+            ap.parse_duration(args.save_every, "--save-every (steps or a duration)")
+    except ap.UsageError as error:
+        parser.error(str(error))
     if not 0.0 < args.ema_decay < 1.0:
         parser.error(f"--ema-decay must be between 0 and 1 (exclusive), got {args.ema_decay}")
     if args.max_steps_per_epoch is not None and args.max_steps_per_epoch < args.accumulation_steps:
@@ -283,8 +297,10 @@ def _run(args: argparse.Namespace, processes: int | None) -> int:
     from .evaluate import evaluate, predict
     from .train import train
 
-    {"train": train, "evaluate": evaluate, "predict": predict}[args.handler](args)
-    return 0
+    result = {"train": train, "evaluate": evaluate, "predict": predict}[args.handler](args)
+    # A stop every rank agreed on: resumable. Under ap.launch() the parent turns the job's 0 into that status.
+    stopped = isinstance(result, dict) and result.get("stopped") and not ap.runtime().is_distributed
+    return ap.EXIT_RESUMABLE if stopped else 0
 
 
 def main(argv: Sequence[str] | None = None, *, processes: int | None = None) -> int:

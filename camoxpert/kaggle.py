@@ -31,6 +31,10 @@ from .synthetic import MARKER_FILE, generate_dataset
 __all__ = ["DatasetChoice", "Job", "build_parser", "describe_job", "find_dataset", "main", "resolve_job"]
 
 
+KAGGLE_TIME_BUDGET = "11h30m"
+"""Kaggle ends a session at 12 hours: stopping at 11 h 30 m leaves time to validate, save and write out."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kaggle_2gpu_train.py",
@@ -46,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: $CHECKPOINT_DIR, else /kaggle/working/checkpoints on Kaggle, ./checkpoints "
                            "elsewhere (checkpoints/demo and checkpoints/demo-small for the demos)")
     data.add_argument("--resume", action="store_true", help="continue the run in the checkpoint folder (its last.pt)")
+    data.add_argument("--time-budget", default=None, metavar="DURATION",
+                      help=f"stop cleanly after this long, saving last.pt (continue with --resume); default "
+                           f"{KAGGLE_TIME_BUDGET} on Kaggle (its sessions end at 12 h), none elsewhere")
     data.add_argument("--overwrite", action="store_true",
                       help="start over in a checkpoint folder that holds an earlier run, removing its files first")
     data.add_argument("--demo", action="store_true", help="run the synthetic demo even if a data set is found")
@@ -205,6 +212,8 @@ def resolve_job(args: argparse.Namespace, extra: Sequence[str], *, environ: Mapp
         train_argv = presets.train_arguments(plan, dataset_path=str(dataset.path), checkpoint_dir=str(checkpoint_dir),
                                              strategy=strategy, device=args.device, resume_from=resume_from)
     train_argv += ["--overwrite"] if args.overwrite else []
+    budget = args.time_budget or (KAGGLE_TIME_BUDGET if on_kaggle(environ, kaggle_working) else None)
+    train_argv += ["--time-budget", budget] if budget and "--time-budget" not in extra else []
     return Job(rt, processes, plan, dataset, demo, demo_reason, data_root, checkpoint_dir, resume_from, strategy,
                train_argv + list(extra))
 

@@ -86,7 +86,7 @@ class Trainer:
                        "backbone_lr_scale": backbone_lr_scale, "freeze_stage1": freeze_stage1,
                        "pretrained_loaded": self.pretrained_loaded, "mode": rt.mode, "world_size": rt.world_size,
                        "precision": rt.precision}
-        for key in ("handler", "overwrite", "trust_checkpoint"):  # how the command was run, not what the run is
+        for key in ("handler", "overwrite", "trust_checkpoint", "time_budget", "save_every"):  # how, not what
             self.config.pop(key, None)
 
         self.model = ap.wrap(model, runtime=rt)
@@ -119,6 +119,10 @@ class Trainer:
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.history: list[dict[str, Any]] = []  # history.jsonl's records, for curves.png
+        self.partial: dict[str, Any] | None = None  # where a checkpoint saved mid-epoch left that epoch
+        self.stop: ap.StopRequest | None = None
+        every = str(args.save_every or "").strip()  # --save-every: optimizer steps, or a duration
+        self.save_every_steps, self.save_every_time = (int(every), None) if every.isdigit() else (None, every or None)
         if args.resume_from:
             self.resume(args.resume_from)
 
@@ -166,11 +170,14 @@ class Trainer:
         info = ap.load_checkpoint(path, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                   scheduler=self.scheduler, scaler=self.scaler, restore_rng=True,
                                   trusted=self.args.trust_checkpoint)
-        epoch = info["epoch"]
-        self.start_epoch = 0 if epoch is None else int(epoch) + 1
+        epoch, extra = info["epoch"], info["extra"]
+        self.partial = extra.get("partial_epoch") if info["format"] == "autoparallel" else None
+        self.start_epoch = 0 if epoch is None else int(epoch) + (self.partial is None)
         expected = self.steps_before(self.start_epoch)
+        if self.partial is not None:  # saved mid-epoch: that epoch continues after its last saved step
+            self.loaders[self.stage(self.start_epoch)].load_state_dict(info["loader"])
+            expected += self.partial["micro_done"] // self.args.accumulation_steps
         if info["format"] == "autoparallel":
-            extra = info["extra"]
             self.best, self.best_epoch = extra.get("best_metric"), extra.get("best_epoch")
             if extra.get("metric") not in (None, self.args.metric):
                 self.best, self.best_epoch = None, None
@@ -185,7 +192,8 @@ class Trainer:
             fast_forward(self.scheduler, self.step)
             ap.print(f"{path} is a {info['format']} checkpoint: loaded its weights only (no optimizer, scheduler "
                      "or RNG state)")
-        ap.print(f"resumed from {path}: epoch {self.start_epoch + 1}/{self.args.epochs}, step {self.step}, "
+        within = f" at micro-batch {self.partial['micro_done'] + 1}" if self.partial else ""
+        ap.print(f"resumed from {path}: epoch {self.start_epoch + 1}/{self.args.epochs}{within}, step {self.step}, "
                  f"{self.unfreeze.describe(self.start_epoch)}, lr "
                  + ", ".join(f"{name} {lr:.3g}" for name, lr in self._group_lrs().items()))
 
@@ -210,13 +218,19 @@ class Trainer:
         num_micro = self.micro_batches[stage]
         zero = torch.zeros((), device=rt.device)
         loss_sum, finite_count, skipped = zero.clone(), zero.clone(), 0
+        partial, self.partial, done = self.partial, None, 0
+        if partial is not None:  # resumed mid-epoch: this rank's sums over the micro-batches before the save
+            sums = partial["sums"][rt.rank] if len(partial["sums"]) == rt.world_size else partial["sums"][0]
+            loss_sum, finite_count = loss_sum + sums[0], finite_count + sums[1]
+            done, skipped = partial["micro_done"], partial["skipped"]
         self.model.train()
         label = self.stage_label(epoch)
         bar = ap.progress(total=num_micro, desc=f"epoch {epoch + 1}/{args.epochs}" + (f" [{label}]" if label else ""),
                           leave=False, dynamic_ncols=True)
         shown = console.BarLoss(bar, rt.device, every_steps=args.log_every, every_s=LOSS_REFRESH_S, show=rt.is_main)
+        bar.update(done)
         started = time.perf_counter()
-        for images, masks in itertools.islice(loader, num_micro):
+        for images, masks in itertools.islice(loader, num_micro - done):
             images = images.to(rt.device, non_blocking=True)
             masks = masks.to(rt.device, non_blocking=True)
             with self.accumulator.micro_step():
@@ -232,6 +246,10 @@ class Trainer:
             loss_sum += loss
             finite_count += finite
             shown.add(loss)
+            done += 1
+            if clock is not None:
+                clock.advance()
+            bar.update(1)
             if self.accumulator.step():
                 self._scheduler_step()
                 self.step += 1
@@ -239,9 +257,9 @@ class Trainer:
                 if self.ema is not None and not self.accumulator.last_step_skipped:
                     self.ema.update()
                 shown.after_step(self.step, self.optimizer.param_groups[-1]["lr"], clock and clock.eta())
-            if clock is not None:
-                clock.advance()
-            bar.update(1)
+                if self._at_step_boundary(epoch, loader, done < num_micro, done, loss_sum, finite_count, skipped):
+                    bar.close()
+                    return {"stopped": self.stop.agreed}
         bar.close()
         elapsed = time.perf_counter() - started
         totals = ap.all_reduce(torch.stack([loss_sum, finite_count, torch.tensor(float(num_micro), device=rt.device)]))
@@ -254,20 +272,32 @@ class Trainer:
                 "skipped_steps": skipped, "time_s": elapsed,
                 "images_per_s": num_micro * self.loaders[stage].global_batch_size / max(elapsed, 1e-9)}
 
+    def _at_step_boundary(self, epoch: int, loader: Any, mid_epoch: bool, done: int, loss_sum: torch.Tensor,
+                          finite_count: torch.Tensor, skipped: int) -> bool:
+        """After an optimizer step: a periodic or stopping save mid-epoch; True when every rank agreed to stop."""
+        stop = self.stop is not None and self.stop.should_stop()
+        every = self.save_every_steps
+        due = stop or (self.stop is not None and self.stop.save_due) or bool(every and self.step % every == 0)
+        if due and mid_epoch:  # the end of an epoch saves anyway
+            sums = ap.all_gather(torch.stack([loss_sum, finite_count])[None]).tolist()  # every rank's own
+            self._save(epoch, loader=loader, partial_epoch={"micro_done": done, "sums": sums, "skipped": skipped})
+        return stop
+
+    def _save(self, epoch: int, *, is_best: bool = False, val: dict[str, float] | None = None, **extra: Any) -> None:
+        self.keeper.save(is_best=is_best, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                         scheduler=self.scheduler, scaler=self.scaler, epoch=epoch, step=self.step,
+                         best_metric=self.best, best_epoch=self.best_epoch, metric=self.args.metric, val_metrics=val,
+                         args=self.config, **extra)
+
     def validate(self) -> dict[str, float]:
-        """Scores the weights that checkpoints call best: the EMA's when --use-ema, else the model's."""
-        if self.ema is not None and self.rt.mode == "ddp":
-            self._sync_ema_buffers()
+        """Scores the weights that checkpoints call best: the EMA's when --use-ema, else the model's.
+
+        Under DDP every rank's EMA is rank 0's: the wrapper gives every rank the same weights and buffers
+        after each step, and the EMA averages them locally.
+        """
         module = inference_module(self.ema.module, self.rt) if self.ema is not None else self.model
         summary, _ = score(module, self.val_loader, self.val_set, self.rt)
         return summary
-
-    @torch.no_grad()
-    def _sync_ema_buffers(self) -> None:
-        """Gives every rank rank 0's EMA buffers (BatchNorm statistics, which drift apart per rank's batches), so
-        every rank scores the model that rank 0's checkpoint saves."""
-        for buffer in self.ema.module.buffers():
-            buffer.copy_(ap.all_gather(buffer.detach()[None])[0])
 
     # --- the run -----------------------------------------------------------------------------------------
 
@@ -302,25 +332,36 @@ class Trainer:
             ap.print(line)
         clock = console.RunClock(sum(self.micro_batches[self.stage(e)] for e in range(self.start_epoch, args.epochs)))
         last_val: dict[str, float] | None = None
+        self.stop = ap.StopRequest(time_budget=args.time_budget, save_every=self.save_every_time)
         for epoch in range(self.start_epoch, end_epoch):
             stats = self.train_one_epoch(epoch, clock)
+            if "stopped" in stats:
+                return self._stopped(stats["stopped"], epoch)
             val = None
             if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
                 val = last_val = self.validate()
             is_best = val is not None and self._is_better(val[args.metric])
             if is_best:
                 self.best, self.best_epoch = val[args.metric], epoch + 1
-            self.keeper.save(is_best=is_best, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                             scheduler=self.scheduler, scaler=self.scaler, epoch=epoch, step=self.step,
-                             best_metric=self.best, best_epoch=self.best_epoch, metric=args.metric,
-                             val_metrics=val, args=self.config)
+            self._save(epoch, is_best=is_best, val=val)
             record = {"epoch": epoch + 1, "stage": self.stage(epoch), "step": self.step,
                       "unfreeze": self.unfreeze.describe(epoch), "lr": self._group_lrs(), **stats, "val": val,
                       "best": is_best}
             ap.print(console.epoch_line(record, epochs=args.epochs, label=self.stage_label(epoch),
                                         lr=self.optimizer.param_groups[-1]["lr"], eta=clock.eta()))
             self._record(record)
+            if epoch + 1 < end_epoch and self.stop.should_stop():
+                return self._stopped(self.stop.agreed, epoch + 1)
+        self.stop.close()
         return self._finish(last_val)
+
+    def _stopped(self, reason: str, epoch: int) -> dict[str, Any]:
+        """A stop every rank agreed on: last.pt is saved; say how to continue."""
+        self.stop.close()
+        ap.print(f"stopped ({reason}) in epoch {epoch + 1}/{self.args.epochs} after step {self.step}; "
+                 f"{self.keeper.last} holds everything. Continue with the same command plus "
+                 f"--resume-from {self.keeper.last}")
+        return {**self._finish(None, quiet=True), "stopped": reason}
 
     def _record(self, record: dict[str, Any]) -> None:
         """Appends ``record`` to ``history.jsonl`` and redraws ``curves.png`` (main process only)."""
@@ -332,10 +373,11 @@ class Trainer:
         if curves.available():
             curves.write_curves(self.history, self.checkpoint_dir / "curves.png")
 
-    def _finish(self, last_val: dict[str, float] | None) -> dict[str, Any]:
+    def _finish(self, last_val: dict[str, float] | None, quiet: bool = False) -> dict[str, Any]:
         best_text = "none (no validation ran)" if self.best is None else \
             f"{self.best:.4f} at epoch {self.best_epoch}"
-        ap.print(f"done: best validation {self.args.metric} {best_text}")
+        if not quiet:
+            ap.print(f"done: best validation {self.args.metric} {best_text}")
         ap.print(f"checkpoints: best {self.keeper.best or '-'} | last {self.keeper.last or '-'} | history "
                  f"{self.checkpoint_dir / 'history.jsonl'}")
         if self.history:

@@ -113,7 +113,7 @@ def test_portability_matrix(source, target, request, tmp_path):
         _assert_same(fresh.state_dict(), expected_model)
     _assert_same(target_ema.module.state_dict(), expected_ema)
     assert target_ema.num_updates == 3
-    assert info == {"epoch": 4, "step": None, "extra": {}, "format": "autoparallel"}
+    assert info == {"epoch": 4, "step": None, "extra": {}, "loader": None, "format": "autoparallel"}
 
 
 # --------------------------------------------------------------------------------------- the format
@@ -162,7 +162,7 @@ def test_save_refuses_extra_that_would_need_pickle(tmp_path):
 def test_load_without_objects_returns_metadata(tmp_path):
     save_checkpoint(tmp_path / "c.pt", model=_net(), epoch=2, step=7, best_iou=0.5)
     info = load_checkpoint(tmp_path / "c.pt")
-    assert info == {"epoch": 2, "step": 7, "extra": {"best_iou": 0.5}, "format": "autoparallel"}
+    assert info == {"epoch": 2, "step": 7, "extra": {"best_iou": 0.5}, "loader": None, "format": "autoparallel"}
 
 
 def test_restore_rng_replays_python_numpy_and_torch(tmp_path):
@@ -204,7 +204,7 @@ def test_raw_state_dict_with_wrapper_prefixes_loads_into_plain_model(prefix, tmp
     target = _net(1)
     info = load_checkpoint(tmp_path / "raw.pth", model=target)
     _assert_same(target.state_dict(), source.state_dict())
-    assert info == {"epoch": None, "step": None, "extra": {}, "format": "raw"}
+    assert info == {"epoch": None, "step": None, "extra": {}, "loader": None, "format": "raw"}
 
 
 class _WithBackbone(nn.Module):
@@ -252,7 +252,8 @@ def test_tutorial_layout_with_parameter_only_ema_loads_model_ema_and_metadata(tm
     target = nn.DataParallel(_net(1))
     ema = EMA(target, decay=0.999)
     info = load_checkpoint(tmp_path / "best_model.pth", model=target, ema=ema)
-    assert info == {"epoch": 41, "step": None, "extra": {"best_iou": 0.7123, "args": args}, "format": "tutorial"}
+    assert info == {"epoch": 41, "step": None, "extra": {"best_iou": 0.7123, "args": args}, "loader": None,
+                    "format": "tutorial"}
     _assert_same(target.module.state_dict(), model.state_dict())
     for name, param in ema.module.named_parameters():
         assert torch.equal(param, shadow[f"module.{name}"]), name

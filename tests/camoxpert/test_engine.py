@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,60 @@ def test_bar_loss_reads_the_device_after_the_first_step_then_every_few_seconds(m
     hidden.add(torch.tensor(1.0))
     hidden.after_step(1, lr=0.01, eta=None)
     assert hidden.bar.postfixes == []  # other ranks never sync for a bar they do not show
+
+
+class HourClock:
+    """time.monotonic for the stop request: every reading is one hour after the previous one."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 3600.0
+        return self.now
+
+
+def test_a_time_budget_stops_mid_epoch_and_the_resume_equals_the_uninterrupted_run(
+        straight_run, dataset, tmp_path, one_thread, monkeypatch):
+    straight, _, straight_dir = straight_run
+    monkeypatch.setattr(sys.modules["autoparallel.stop"].time, "monotonic", HourClock())
+    first = Trainer(_train_args(dataset, tmp_path, "--time-budget", "150m"))
+    result = first.fit()  # 2 h at the first step's check, 3 h at the second's: stops after step 2 of 4
+    assert result["stopped"] == "time budget of 9000 s reached"
+    assert first.step == 2
+    info = ap.load_checkpoint(tmp_path / "last.pt")
+    assert (info["epoch"], info["step"], info["loader"]) == (0, 2, {"epoch": 0, "batch": 2})
+    assert info["extra"]["partial_epoch"]["micro_done"] == 2
+    monkeypatch.undo()
+
+    resumed = Trainer(_train_args(dataset, tmp_path, "--resume-from", str(tmp_path / "last.pt")))
+    assert (resumed.start_epoch, resumed.step) == (0, 2)
+    resumed.fit()
+    for mine, reference in ((resumed.model, straight.model), (resumed.ema.module, straight.ema.module)):
+        for (name, a), (_, b) in zip(ap.unwrap(mine).state_dict().items(), ap.unwrap(reference).state_dict().items()):
+            assert torch.equal(a, b), name  # one process, same shapes and order: bitwise
+    assert _history(tmp_path) == _history(straight_dir)  # the resumed epoch's loss too
+
+
+def test_a_run_killed_after_a_periodic_save_resumes_from_it_exactly(straight_run, dataset, tmp_path, one_thread,
+                                                                     monkeypatch):
+    straight, _, straight_dir = straight_run
+    first = Trainer(_train_args(dataset, tmp_path, "--save-every", "3"))
+    real_save = Trainer._save
+
+    def save_then_die(self, epoch, **kwargs):  # the process is killed right after the mid-epoch save at step 3
+        real_save(self, epoch, **kwargs)
+        if "partial_epoch" in kwargs:
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(SystemExit):
+        first.fit()
+    monkeypatch.undo()
+    assert ap.load_checkpoint(tmp_path / "last.pt")["loader"] == {"epoch": 0, "batch": 3}
+    resumed = Trainer(_train_args(dataset, tmp_path, "--resume-from", str(tmp_path / "last.pt"), "--save-every", "3"))
+    resumed.fit()
+    for (name, a), (_, b) in zip(ap.unwrap(resumed.model).state_dict().items(),
+                                 ap.unwrap(straight.model).state_dict().items()):
+        assert torch.equal(a, b), name
+    assert _history(tmp_path) == _history(straight_dir)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from autoparallel.check import build_parser as check_parser
-from camoxpert import synthetic
+from autoparallel.check import build_parser
+from camoxpert import doctor, synthetic
 from camoxpert.cli import get_args_parser
 from camoxpert.kaggle import build_parser as kaggle_parser
 
@@ -103,7 +103,9 @@ def check_command(words: list[str], tmp_path: Path) -> None:
     elif script == "kaggle_2gpu_train.py":
         kaggle_parser().parse_args(args)
     elif script == "test_multi_gpu.py":
-        check_parser().parse_args(args)
+        parser = build_parser()
+        doctor.add_arguments(parser)
+        parser.parse_args(args)
     else:
         raise AssertionError(f"README command not checked by this test: {' '.join(words)}")
 

@@ -273,7 +273,9 @@ def test_under_ddp_a_user_error_is_printed_once_and_exits_2(data, tmp_path):
     assert result.returncode == 2
     # Both ranks fail; the message comes once, from the process the user started, after torchrun's summary.
     assert (result.stdout + result.stderr).count(f"checkpoint {tmp_path / 'best.pt'}") == 1
-    assert result.stderr.splitlines()[-1].startswith(f"error: checkpoint {tmp_path / 'best.pt'} cannot be read")
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {tmp_path / 'best.pt'} is damaged or not a PyTorch checkpoint")
+    assert "trust" not in last  # garbage is not a legacy file worth trusting
 
 
 def test_library_fixes_are_named_as_flags(first_run, data, tmp_path, capsys):
