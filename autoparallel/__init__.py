@@ -3,7 +3,9 @@
     import autoparallel as ap
     model = ap.wrap(model)      # right device; DataParallel on >=2 GPUs; DDP under a launcher
 
-Everything a script needs is exported here; the submodules are implementation detail.
+Everything a script needs is exported here. Beyond it, ``autoparallel.check`` is the diagnostics command,
+``autoparallel.detect`` the pure detection behind :func:`detect_runtime`, and
+``autoparallel.dataparallel.merge_outputs`` the rule by which DataParallel merges what ``forward`` returns.
 """
 from __future__ import annotations
 
@@ -22,21 +24,13 @@ from .errors import (
     UsageError,
 )
 from .launch import launch, requested_processes
-from .output import banner, print, print_banner, progress
+from .output import print, print_banner, progress
 from .precision import autocast, grad_scaler
 from .runtime import is_main_process, runtime
 from .stop import EXIT_RESUMABLE, StopRequest, parse_duration
 from .wrap import unwrap, wrap
 
 __version__ = "0.2.0"
-
-probe_hardware = Hardware.probe
-
-
-def effective_batch_size(global_batch: int, accumulation_steps: int) -> int:
-    """Samples behind one optimizer step: the global micro-batch times the accumulation steps."""
-    return global_batch * accumulation_steps
-
 
 __all__ = [
     "EMA",
@@ -55,11 +49,9 @@ __all__ = [
     "all_gather",
     "all_reduce",
     "autocast",
-    "banner",
     "barrier",
     "broadcast_object",
     "detect_runtime",
-    "effective_batch_size",
     "grad_scaler",
     "is_main_process",
     "launch",
@@ -68,7 +60,6 @@ __all__ = [
     "parse_duration",
     "print",
     "print_banner",
-    "probe_hardware",
     "progress",
     "requested_processes",
     "runtime",

@@ -88,7 +88,7 @@ def _detect(args: argparse.Namespace, environ: Mapping[str, str], hardware: Hard
         hardware = presets.parse_simulated(args.simulate)
         environ = {key: value for key, value in environ.items() if key.startswith("AUTOPARALLEL_")}
     elif hardware is None:
-        hardware = ap.probe_hardware()
+        hardware = ap.Hardware.probe()
     wanted = placement.device_arguments(args.device)
     if args.strategy == "dp":
         wanted.setdefault("strategy", "dp")

@@ -23,7 +23,7 @@ def device_runtime(device: str, precision: str = "auto") -> ap.Runtime:
     if device == "cpu":
         return ap.detect_runtime(strategy="cpu", precision=precision, env={}, hardware=ap.Hardware())
     return ap.detect_runtime(strategy="single", devices="0", precision=precision, env={},
-                             hardware=ap.probe_hardware())
+                             hardware=ap.Hardware.probe())
 
 
 def require_bf16() -> None:

@@ -21,8 +21,10 @@ def expected_precision() -> str:
 
 
 def test_banner_names_the_gpu_and_the_precision() -> None:
-    runtime = ap.detect_runtime(env={}, hardware=ap.probe_hardware())
-    text = ap.banner(runtime)
+    runtime = ap.detect_runtime(env={}, hardware=ap.Hardware.probe())
+    from autoparallel.output import banner
+
+    text = banner(runtime)
     count = torch.cuda.device_count()
     assert torch.cuda.get_device_name(0) in text
     assert f"Number of GPUs: {count}" in text
