@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import pytest
 import torch
 
 from autoparallel import Runtime, output, print_banner, progress
 from autoparallel.runtime import reset_runtime
 
-
-def banner(rt: Runtime | None = None) -> str:
-    """The line print_banner prints (it prints once per process, so the flag is reset around it)."""
-    output._banner_printed = False
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        print_banner(rt)
-    output._banner_printed = False
-    return buffer.getvalue().rstrip("\n")
+banner = output.banner  # the text print_banner prints (on the main process)
 
 
 T4X2 = {"gpu_names": ("Tesla T4",) * 2, "gpu_memory_gib": (15.0,) * 2}
