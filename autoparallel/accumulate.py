@@ -1,20 +1,11 @@
 """Gradient accumulation that skips needless DDP all-reduces, clips after unscaling and survives overflow.
 
-A training loop with ``accumulation_steps = A`` runs A micro-steps per optimizer step::
-
-    accumulator = ap.GradientAccumulator(model, optimizer, accumulation_steps=A, scaler=scaler,
-                                         max_grad_norm=1.0, loader=train_loader)
-    for images, masks in train_loader:
-        with accumulator.micro_step(), ap.autocast():
-            accumulator.backward(criterion(model(images), masks))
-        if accumulator.step():
-            scheduler.step()
-
-Under DDP the first A - 1 micro-steps of each window run inside ``no_sync()``: gradients accumulate
-locally and only the last backward all-reduces them. Each loss is divided by A, so a window's gradient is
-the mean over its ``global_batch x A`` samples. Given the ``loader``, a window cut short by the end of an
-epoch is stepped there, its gradient the mean over the micro-batches it has, so every epoch ends on a
-step and a run resumed at an epoch boundary is exact; without it, windows run on across epochs.
+A window of ``accumulation_steps = A`` micro-steps runs its first A - 1 backward passes inside DDP's
+``no_sync()`` and divides each loss by A, so the window's gradient is the mean over its ``global_batch x A``
+samples. Given the ``loader``, a window cut short by the end of an epoch is stepped there, with the mean
+over the micro-batches it has, so every epoch ends on a step and a resume at an epoch boundary is exact;
+without it, windows run on across epochs. Use: ``with acc.micro_step(), ap.autocast(): acc.backward(loss)``
+then ``if acc.step(): scheduler.step()``.
 """
 from __future__ import annotations
 
@@ -46,18 +37,11 @@ def _find_ddp(model: nn.Module) -> nn.Module | None:
 
 
 class GradientAccumulator:
-    """Runs micro-steps and steps the optimizer every ``accumulation_steps`` of them.
+    """Steps ``optimizer`` every ``accumulation_steps`` micro-steps of ``model`` (wrapped or not).
 
-    Args:
-        model: the wrapped model (``no_sync`` is used when it is DDP).
-        optimizer: stepped on window boundaries.
-        accumulation_steps: micro-steps per optimizer step.
-        scaler: a ``torch.amp.GradScaler`` for fp16 (``autoparallel.grad_scaler()``); a disabled one is none.
-        max_grad_norm: clip the global gradient norm to this, after unscaling; None disables clipping.
-        loader: the training loader (``autoparallel.loader``): its last batch of an epoch ends the window.
-
-    Attributes:
-        last_grad_norm: the gradient norm before clipping at the latest step (None without clipping).
+    ``scaler``: a ``GradScaler`` for fp16 (``ap.grad_scaler()``; a disabled one counts as none);
+    ``max_grad_norm``: clip after unscaling (``last_grad_norm`` holds the norm before clipping);
+    ``loader``: the training loader, whose last batch of an epoch ends the window.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accumulation_steps: int = 1,
@@ -109,12 +93,8 @@ class GradientAccumulator:
         return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
     def step(self) -> bool:
-        """Ends a micro-step; on a window boundary unscales, clips, steps, updates the scaler and zeroes grads.
-
-        Returns:
-            True when this call was a boundary (the optimizer stepped, or skipped an overflow step), so a
-            per-step scheduler should advance.
-        """
+        """End a micro-step; at a window's end unscale, clip, step (or skip a non-finite step), zero the grads.
+        True at a window's end, when a per-step scheduler should advance."""
         boundary = self.sync_gradients
         self._micro_steps += 1
         if not boundary:

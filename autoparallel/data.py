@@ -1,21 +1,14 @@
-"""``loader()``: a DataLoader whose ``batch_size`` means the global batch of one micro-step in every mode.
+"""``loader()``: a DataLoader whose ``batch_size`` is the global batch of one micro-step in every mode.
 
-One process (CPU, one GPU, DataParallel) loads ``batch_size`` samples per step; each of N DDP processes
-loads ``batch_size // N``, so the steps per epoch and the samples of each step do not depend on how the
-job was started: rank ``r`` takes positions ``r, r + N, ...`` of the epoch's order, which is
-``DistributedSampler``'s (``randperm`` seeded with ``seed + epoch``), or the order of the sampler you pass.
-
-Epochs: an iteration that runs to its end moves the loader to the next epoch; one abandoned early (a
-``next(iter(loader))`` to look at a batch) does not. ``loader.set_epoch(k)`` or the usual
-``loader.sampler.set_epoch(k)`` picks the epoch of the next iteration, giving exactly epoch ``k``'s order.
-``state_dict()`` / ``load_state_dict()`` hold the epoch and the batches already taken, so a run resumed
-mid-epoch continues with the next batch. Augmentation is exact after a resume with ``num_workers=0``;
-with workers the sample order is exact and the workers' random streams restart from ``(seed, epoch, rank)``.
-
-Evaluation (``train=False``): each rank takes a contiguous slice of the data set, nothing padded or
-repeated, and every rank yields the same number of batches. Gathering after the loop gives dataset order;
-gathering batch by batch (Accelerate's ``gather_for_metrics`` idiom) never waits for a rank that ran out.
-A rank with no sample at all (fewer samples than ranks) yields empty batches (zero rows).
+Each of N DDP processes loads ``batch_size // N``; rank ``r`` takes positions ``r, r + N, ...`` of the
+epoch's order (``DistributedSampler``'s ``randperm(seed + epoch)``, or the sampler you pass), so the steps
+and their samples do not depend on how the job was started. An iteration run to its end moves to the next
+epoch, one abandoned early (``next(iter(loader))``) does not, and ``loader.set_epoch(k)`` or
+``loader.sampler.set_epoch(k)`` picks epoch k's exact order. ``state_dict()`` holds the epoch and the
+batches taken, so a run resumed mid-epoch continues with the next batch (its augmentation exact with
+``num_workers=0``; workers' random streams restart from ``(seed, epoch, rank)``). With ``train=False`` each
+rank takes a contiguous, unpadded slice and every rank yields the same number of batches (empty ones on a
+rank without samples), so a gather after the loop is in dataset order and per-batch gathers never wait.
 """
 from __future__ import annotations
 

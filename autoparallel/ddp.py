@@ -1,22 +1,15 @@
 """Our DistributedDataParallel wrapper: torch's DDP for the gradients, plus what existing scripts assume.
 
-* **Options**: ``ap.wrap(model, **ddp_options)`` passes DDP's own options through. Unless
-  ``find_unused_parameters`` or ``static_graph`` is given, the first training step finds out what the model
-  needs: its autograd graph is read once, and if some trainable parameter took no part (a top-k mixture of
-  experts, an unused head) DDP is rebuilt with ``find_unused_parameters=True`` and that forward is re-run
-  with the same random state and buffers; otherwise (reentrant activation checkpointing included) DDP keeps
-  the cheaper ``False``. Should a later step leave a parameter out, the next forward says what to pass.
-* **Changing models**: replacing a submodule after wrapping (``model.fc = nn.Linear(...)``) or changing
-  ``requires_grad`` (progressive unfreezing) rebuilds DDP at the next training forward, which
-  broadcasts rank 0's weights: every rank must make the change between the same two steps.
-* **No collectives outside training**: forwards without autograd or in eval mode run the plain module, so
-  ranks may evaluate uneven shards, and evaluation on rank 0 alone cannot hang. A backward through an
-  eval-mode forward followed by an optimizer step (training in eval mode) is refused, since DDP did not
-  synchronise those gradients.
-* **Buffers**: rank 0's buffers (BatchNorm statistics) are broadcast at the end of each training forward
-  instead of the start, so after every step all ranks hold the same buffers: ``model.eval()``, an EMA
-  updated on any rank and the checkpoint all see rank 0's.
-* **Half-migrated code**: wrapping the result in ``DistributedDataParallel`` again is refused with the fix.
+DDP's options pass through ``ap.wrap``; without ``find_unused_parameters`` or ``static_graph`` the first
+training step reads the autograd graph once and, if a trainable parameter took no part (a top-k mixture of
+experts), rebuilds DDP with ``find_unused_parameters=True`` and re-runs that forward from the same random
+state and buffers (reentrant checkpointing keeps the cheaper ``False``). A replaced submodule or changed
+``requires_grad`` rebuilds DDP at the next training forward (every rank must change between the same two
+steps). Forwards without autograd or in eval mode run the plain module: no collective, so uneven shards
+and rank-0-only evaluation cannot hang; an optimizer step on eval-mode gradients is refused. Rank 0's
+buffers are broadcast after each training forward, so every rank holds them after each step (``eval()``,
+an EMA updated anywhere and the checkpoint all see rank 0's). ``DistributedDataParallel(ap.wrap(m))`` is
+refused with the fix.
 """
 from __future__ import annotations
 
@@ -109,9 +102,9 @@ class DistributedModel(DropInWrapper, nn.Module):
         sync_buffers = ddp_options.pop("broadcast_buffers", ddp_options.pop("forward_sync_buffers", True))
         decided = "find_unused_parameters" in ddp_options or ddp_options.get("static_graph", False)
         # Plain attributes live in __dict__: nn.Module.__setattr__ would register the DDP instance as a child.
-        self.__dict__.update(_device_ids=device_ids, _options=ddp_options, _ddp=None, _flags=(), _grad_sync=True,
-                             _sync_buffers=bool(sync_buffers) and group.world_size() > 1, _probe=not decided,
-                             _params=[], _built_ids=(), _generation=-1, _eval_backward=False)
+        self.__dict__.update(_device_ids=device_ids, _options=ddp_options, _hooks=[], _ddp=None, _flags=(),
+                             _grad_sync=True, _sync_buffers=bool(sync_buffers) and group.world_size() > 1,
+                             _probe=not decided, _params=[], _built_ids=(), _generation=-1, _eval_backward=False)
         self._drop_in()
         if group.rank() != 0:  # torch's hint about the flag, once per job rather than once per rank
             warnings.filterwarnings("ignore", message=_UNUSED_WARNING)
@@ -155,7 +148,6 @@ class DistributedModel(DropInWrapper, nn.Module):
         options = dict(self._options)
         if find_unused is not None:
             options["find_unused_parameters"] = find_unused
-        hooks = options.pop("_comm_hooks", [])
         ddp = None
         if any(p.requires_grad for p in params):  # DDP refuses a module with nothing to train
             with warnings.catch_warnings():
@@ -163,10 +155,8 @@ class DistributedModel(DropInWrapper, nn.Module):
                 ddp = DistributedDataParallel(self.module, device_ids=self._device_ids, **options)
             ddp.broadcast_buffers = False  # ours: after the forward, see _broadcast_buffers
             ddp.training = self.training
-            for state, hook in hooks:
+            for state, hook in self._hooks:
                 ddp.register_comm_hook(state, hook)
-        if hooks:
-            options["_comm_hooks"] = hooks
         self.__dict__.update(_ddp=ddp, _options=options, _params=params, _built_ids=tuple(map(id, params)),
                              _flags=tuple(p.requires_grad for p in params), _generation=structure_generation())
 
@@ -179,12 +169,9 @@ class DistributedModel(DropInWrapper, nn.Module):
         return tuple(p.requires_grad for p in self._params) != self._flags
 
     def _broadcast_buffers(self) -> None:
-        """Rank 0's buffers to every rank, one broadcast per (device, dtype).
-
-        Written through ``.data``: autograd saved some buffers for the coming backward (BatchNorm saves its
-        running statistics, which its training-mode backward does not read), and a tracked in-place copy
-        would make that backward refuse to run.
-        """
+        """Rank 0's buffers to every rank, one broadcast per (device, dtype), written through ``.data``: autograd
+        saved some for the coming backward (BatchNorm its running statistics, unread in training mode), and a
+        tracked in-place copy would make that backward refuse to run."""
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for buffer in self.module.buffers():
             groups.setdefault((buffer.device, buffer.dtype), []).append(buffer)
@@ -257,16 +244,14 @@ class DistributedModel(DropInWrapper, nn.Module):
 
     def register_comm_hook(self, state: Any, hook: Any) -> None:
         """DDP's communication hook (fp16 compression, PowerSGD, ...), kept across rebuilds of DDP."""
-        self._options["_comm_hooks"] = [*self._options.get("_comm_hooks", []), (state, hook)]
+        self._hooks.append((state, hook))
         if self._ddp is not None:
             self._ddp.register_comm_hook(state, hook)
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients locally, without all-reduce, for the backward passes inside.
-
-        The flag is applied at each forward, so it survives a DDP rebuild inside an accumulation window.
-        """
+        """Accumulate gradients locally for the backward passes inside (applied at each forward, so it survives a
+        DDP rebuild inside an accumulation window)."""
         previous = self._grad_sync
         self.__dict__["_grad_sync"] = False
         try:

@@ -1,10 +1,10 @@
-"""Deciding where a process runs: a pure function of the request, the environment, the GPUs and the group.
+"""Where a process runs, as a pure function of the request, the environment, the GPUs and the process group.
 
 :func:`detect_runtime` reads nothing global, so any machine (Kaggle's 2 x T4, a SLURM node, a torchrun
-worker) can be simulated in a test. Sources, first match wins: explicit arguments, ``AUTOPARALLEL_STRATEGY``
-/ ``AUTOPARALLEL_DEVICES`` / ``AUTOPARALLEL_PRECISION``, a process group that already exists, a launcher's
-environment (torchrun, ``accelerate launch``, ``srun``), the hardware. Asking for what is not there logs
-what was found and what happens instead; an invalid value raises :class:`UsageError` naming it.
+worker) can be simulated. First match wins: arguments, ``AUTOPARALLEL_STRATEGY`` / ``_DEVICES`` /
+``_PRECISION``, an existing process group, a launcher's environment (torchrun, ``accelerate launch``,
+``srun``), the hardware. Asking for what is not there logs one line saying what happens instead; an
+invalid value raises :class:`UsageError` naming its source and the choices.
 """
 from __future__ import annotations
 
@@ -23,9 +23,7 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("auto", "cpu", "single", "dp", "ddp")
 PRECISIONS = ("auto", "no", "fp32", "fp16", "bf16")
 MODES = ("cpu", "single", "dp", "ddp")
-_BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs with native bf16
-# torchrun sets all three; they are read before SLURM's because SLURM_PROCID is also set when torchrun
-# runs inside an allocation.
+# torchrun sets all three; read before SLURM's, whose SLURM_PROCID is also set when torchrun runs inside srun.
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -54,16 +52,16 @@ class Hardware:
     @classmethod
     def probe(cls) -> Hardware:
         """The GPUs torch sees in this process."""
-        if not torch.cuda.is_available():
-            return cls()
-        props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())] \
+            if torch.cuda.is_available() else []
         return cls(tuple(p.name for p in props), tuple(round(p.total_memory / 2**30, 2) for p in props),
                    tuple((p.major, p.minor) for p in props))
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs; get it from :func:`autoparallel.runtime`, or build one by hand in tests."""
+    """Where this process runs (mode ``cpu``, ``single``, ``dp`` or ``ddp``): from :func:`autoparallel.runtime`,
+    or built by hand to simulate one."""
 
     mode: str
     device: torch.device
@@ -86,32 +84,13 @@ class Runtime:
         object.__setattr__(self, "device", torch.device(self.device))
         object.__setattr__(self, "device_ids", tuple(self.device_ids))
 
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that prints, logs and saves."""
-        return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.mode == "ddp"
-
-    @property
-    def num_processes(self) -> int:
-        return self.world_size
-
-    @property
-    def num_gpus(self) -> int:
-        """GPUs the job uses on this node."""
-        return len(self.gpu_names)
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
-
-    @property
-    def needs_grad_scaler(self) -> bool:
-        """fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it."""
-        return self.precision == "fp16"
+    is_main = property(lambda self: self.rank == 0, doc="Rank 0: the process that prints, logs and saves.")
+    is_distributed = property(lambda self: self.mode == "ddp")
+    num_processes = property(lambda self: self.world_size)
+    num_gpus = property(lambda self: len(self.gpu_names), doc="GPUs the job uses on this node.")
+    amp_dtype = property(lambda self: {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision))
+    needs_grad_scaler = property(lambda self: self.precision == "fp16",
+                                 doc="fp16 gradients underflow without loss scaling; bf16 and fp32 need none.")
 
 
 @dataclass(frozen=True)
@@ -129,10 +108,8 @@ class Launch:
 
 def int_var(env: Mapping[str, str], name: str) -> int | None:
     value = env.get(name, "").strip()
-    if not value:
-        return None
     try:
-        return int(value)
+        return int(value) if value else None
     except ValueError:
         raise UsageError(f"environment variable {name}={value!r} is not an integer: unset it or fix it") from None
 
@@ -151,14 +128,13 @@ def slurm_master_addr(env: Mapping[str, str]) -> str | None:
 
 
 def _slurm_launch(env: Mapping[str, str]) -> Launch | None:
-    """A task started by ``srun`` with others; None for a batch script or an ``salloc`` shell (one process)."""
-    allocated = int_var(env, "SLURM_NTASKS") or 1
+    """A task that ``srun`` started with others; None for a batch script or an ``salloc`` shell (one process)."""
     tasks = int_var(env, "SLURM_STEP_NUM_TASKS")  # set by srun for its step, never in the batch script
     if tasks is None:
-        if allocated > 1 and env.get("SLURM_PROCID", "").strip():
-            logger.warning("SLURM allocated %d tasks but this process was not started by srun (no "
+        if (int_var(env, "SLURM_NTASKS") or 1) > 1 and env.get("SLURM_PROCID", "").strip():
+            logger.warning("SLURM allocated %s tasks but this process was not started by srun (no "
                            "SLURM_STEP_NUM_TASKS): running it alone. Start it with `srun python script.py` to run "
-                           "one process per task", allocated)
+                           "one process per task", env["SLURM_NTASKS"])
         return None
     if tasks < 2:
         return None
@@ -183,13 +159,12 @@ def detect_launch(env: Mapping[str, str], group: Group | None = None) -> Launch 
     if len(present) == len(_TORCHRUN_VARS):
         rank, world_size, local_rank = (int_var(env, name) for name in _TORCHRUN_VARS)
         node_rank = int_var(env, "GROUP_RANK")
-        launch = Launch("torchrun", rank, local_rank, world_size,
-                        node_rank if node_rank is not None else rank // local_world if local_world else 0, local_world)
+        node_rank = node_rank if node_rank is not None else rank // local_world if local_world else 0
+        launch: Launch | None = Launch("torchrun", rank, local_rank, world_size, node_rank, local_world)
     else:
         launch = _slurm_launch(env)
-    if group is not None:  # whoever made it (the script itself, as the DDP tutorial does, or a launcher)
-        local_rank = launch.local_rank if launch else group.rank
-        launch = replace(launch or Launch("process group", 0, 0, 1), rank=group.rank, local_rank=local_rank,
+    if group is not None:  # whoever made it: the script itself (the DDP tutorial's mp.spawn), or a launcher
+        launch = replace(launch or Launch("process group", 0, group.rank, 1), rank=group.rank,
                          world_size=group.world_size, backend=group.backend)
     if launch is None:
         return None
@@ -203,29 +178,23 @@ def detect_launch(env: Mapping[str, str], group: Group | None = None) -> Launch 
     return launch
 
 
-def _pick(value: object, argument: str, env: Mapping[str, str], variable: str) -> tuple[object, str]:
-    """The value and where it came from, for messages that name the source."""
-    if value is not None:
-        return value, argument
-    return env.get(variable, "").strip() or None, variable
-
-
-def _choice(value: object, source: str, choices: tuple[str, ...]) -> str:
-    if value is None:
-        return "auto"
-    text = str(value).strip().lower()
+def _choice(value: object, default_source: str, env: Mapping[str, str], variable: str,
+            choices: tuple[str, ...]) -> tuple[str, str]:
+    """The requested choice (``auto`` when none) and its source (the argument or the variable), validated."""
+    source = default_source if value is not None else variable
+    value = value if value is not None else env.get(variable, "").strip() or None
+    text = "auto" if value is None else str(value).strip().lower()
     if text not in choices:
         raise UsageError(f"{source}={value!r} is not valid: choose one of {', '.join(choices)}")
-    return text
+    return text, source
 
 
 def parse_devices(value: object, source: str = "devices") -> tuple[int, ...] | None:
     """GPU indices from ``"0,1"`` or ``[0, 1]``; None (all GPUs) for None, ``""``, ``"auto"`` or ``"all"``."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "all")):
         return None
-    items = value.split(",") if isinstance(value, str) else value
     try:
-        indices = tuple(int(str(item).strip()) for item in items)  # type: ignore[union-attr]
+        indices = tuple(int(str(item).strip()) for item in (value.split(",") if isinstance(value, str) else value))
     except (TypeError, ValueError):
         indices = ()
     if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
@@ -236,65 +205,56 @@ def parse_devices(value: object, source: str = "devices") -> tuple[int, ...] | N
 
 def _fallback(source: str, value: object, found: str, instead: str) -> None:
     """The one shape of every "asked for what is not there" message: the request, what is there, what happens."""
-    asked = source if value is None else f"{source}={value}"
-    logger.warning("%s asked for, but %s: %s", asked, found, instead)
+    logger.warning("%s asked for, but %s: %s", source if value is None else f"{source}={value}", found, instead)
 
 
 def _select_gpus(requested: tuple[int, ...] | None, source: str, hardware: Hardware) -> tuple[int, ...]:
     visible = tuple(range(hardware.gpu_count))
     if requested is None:
         return visible
+    chosen = tuple(i for i in requested if i < hardware.gpu_count)
     if not visible:
         _fallback(source, ",".join(map(str, requested)), "no GPU is visible", "running on the CPU")
-        return ()
-    chosen = tuple(i for i in requested if i < hardware.gpu_count)
-    if len(chosen) < len(requested):
+    elif len(chosen) < len(requested):
         shown = ", ".join(f"{i}: {name}" for i, name in enumerate(hardware.gpu_names))
         _fallback(source, ",".join(map(str, requested)), f"this machine shows {hardware.gpu_count} GPU(s) ({shown})",
                   f"using GPU {','.join(map(str, chosen))}" if chosen else "using all visible GPUs")
     return chosen or visible
 
 
-def _precision(requested: str, source: str, device_type: str, gpus: tuple[int, ...], hardware: Hardware) -> str:
-    """fp32 on the CPU, bf16 on Ampere or newer, fp16 below, with a message where the request cannot hold."""
+def _precision(requested: str, source: str, gpus: tuple[int, ...], hardware: Hardware) -> str:
+    """fp32 on the CPU, bf16 on Ampere (compute capability 8.0) or newer, fp16 with a grad scaler below."""
     requested = "fp32" if requested == "no" else requested
-    if device_type == "cpu":
+    if not gpus:
         if requested == "fp16":
             _fallback(source, "fp16", "fp16 autocast with a GradScaler needs a GPU and this process runs on the CPU",
                       "using fp32")
-            return "fp32"
-        return "fp32" if requested == "auto" else requested  # bf16 on the CPU only when asked for
+        return "fp32" if requested in ("auto", "fp16") else requested  # bf16 on the CPU only when asked for
     weakest = min(gpus, key=lambda i: hardware.capabilities[i])
-    has_bf16 = hardware.capabilities[weakest] >= _BF16_MIN_CAPABILITY
-    if requested == "auto":
-        return "bf16" if has_bf16 else "fp16"
+    has_bf16 = hardware.capabilities[weakest] >= (8, 0)
     if requested == "bf16" and not has_bf16:
-        major, minor = hardware.capabilities[weakest]
-        _fallback(source, "bf16", f"{hardware.gpu_names[weakest]} (compute capability {major}.{minor}) has no "
-                  "native bf16 (needs 8.0+)", "using fp16 with a GradScaler")
+        _fallback(source, "bf16", f"{hardware.gpu_names[weakest]} (compute capability "
+                  f"{'.'.join(map(str, hardware.capabilities[weakest]))}) has no native bf16 (needs 8.0+)",
+                  "using fp16 with a GradScaler")
         return "fp16"
-    return requested
+    return ("bf16" if has_bf16 else "fp16") if requested == "auto" else requested
 
 
-def _ddp_device(launch: Launch, gpus: tuple[int, ...]) -> tuple[tuple[int, ...], str]:
-    """This rank's GPU (or none) and the backend; an existing group's backend is kept."""
-    if launch.launcher == "process group":  # no launcher variables: one GPU per local rank, if any
-        used = (gpus[launch.local_rank % len(gpus)],) if gpus else ()
-        return used, launch.backend or ("nccl" if used else "gloo")
-    # srun --gpus-per-task binds one GPU to each task, which then sees it as cuda:0 whatever its local rank.
-    if launch.launcher == "slurm" and len(gpus) == 1:
-        used: tuple[int, ...] = gpus
-    elif gpus and launch.local_world_size and launch.local_world_size > len(gpus):
+def _ddp_gpu(launch: Launch, gpus: tuple[int, ...]) -> tuple[int, ...]:
+    """This rank's GPU, or none (gloo on the CPU)."""
+    if launch.launcher == "process group":  # no launcher variables: one GPU per rank, if any
+        return (gpus[launch.local_rank % len(gpus)],) if gpus else ()
+    if launch.launcher == "slurm" and len(gpus) == 1:  # srun --gpus-per-task: each task sees its GPU as cuda:0
+        return gpus
+    if gpus and launch.local_world_size and launch.local_world_size > len(gpus):
         _fallback(f"{launch.launcher} --nproc_per_node", launch.local_world_size,
                   f"only {len(gpus)} GPU(s) are visible on this node", "running DDP on the CPU with gloo (start one "
                   f"process per GPU, --nproc_per_node={len(gpus)}, to use the GPUs)")
-        used = ()
-    elif gpus and launch.local_rank >= len(gpus):
+        return ()
+    if gpus and launch.local_rank >= len(gpus):
         raise UsageError(f"LOCAL_RANK={launch.local_rank} but only {len(gpus)} GPU(s) are visible on this node: "
                          f"start one process per GPU (torchrun --nproc_per_node={len(gpus)})")
-    else:
-        used = (gpus[launch.local_rank],) if gpus else ()
-    return used, launch.backend or ("nccl" if used else "gloo")
+    return (gpus[launch.local_rank],) if gpus else ()
 
 
 def detect_runtime(strategy: str | None = None, devices: str | Sequence[int] | None = None,
@@ -302,32 +262,30 @@ def detect_runtime(strategy: str | None = None, devices: str | Sequence[int] | N
                    group: Group | None = None) -> Runtime:
     """Decide how this process runs from the arguments, an environment mapping, the GPUs and the process group.
 
-    ``group`` is the default process group when one exists (:func:`autoparallel.group.current`): then this
-    process is one rank of that job, whoever created the group.
+    ``group`` is the default process group when one exists: this process is then one rank of that job,
+    whoever created it.
     """
-    strategy_value, strategy_source = _pick(strategy, "strategy", env, "AUTOPARALLEL_STRATEGY")
-    chosen = _choice(strategy_value, strategy_source, STRATEGIES)
-    devices_value, devices_source = _pick(devices, "devices", env, "AUTOPARALLEL_DEVICES")
-    requested_gpus = parse_devices(devices_value, devices_source)
-    precision_value, precision_source = _pick(precision, "precision", env, "AUTOPARALLEL_PRECISION")
-    if precision_value is None and env.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() in PRECISIONS:
-        precision_value, precision_source = env["ACCELERATE_MIXED_PRECISION"], "ACCELERATE_MIXED_PRECISION"
-    wanted_precision = _choice(precision_value, precision_source, PRECISIONS)
-
+    chosen, strategy_source = _choice(strategy, "strategy", env, "AUTOPARALLEL_STRATEGY", STRATEGIES)
+    devices_source = "devices" if devices is not None else "AUTOPARALLEL_DEVICES"
+    requested = parse_devices(devices if devices is not None else env.get("AUTOPARALLEL_DEVICES"), devices_source)
+    if precision is None and not env.get("AUTOPARALLEL_PRECISION") and \
+            env.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() in PRECISIONS:
+        wanted, precision_source = _choice(None, "precision", env, "ACCELERATE_MIXED_PRECISION", PRECISIONS)
+    else:
+        wanted, precision_source = _choice(precision, "precision", env, "AUTOPARALLEL_PRECISION", PRECISIONS)
     launch = detect_launch(env, group)
-    gpus = _select_gpus(requested_gpus, devices_source, hardware) if chosen != "cpu" else ()
+    gpus = _select_gpus(requested, devices_source, hardware) if chosen != "cpu" else ()
     if launch is not None and (chosen in ("auto", "ddp") or launch.world_size > 1 or group is not None):
         if chosen in ("single", "dp"):
             _fallback(strategy_source, chosen, f"{launch.launcher} started {launch.world_size} processes",
                       "each one drives a single device under DistributedDataParallel")
-        used, backend = _ddp_device(launch, gpus)
+        used = _ddp_gpu(launch, gpus)
         node_gpus = gpus if used else ()
-        return Runtime("ddp", torch.device("cuda", used[0]) if used else torch.device("cpu"), used, launch.rank,
-                       launch.local_rank, launch.world_size, launch.node_rank, backend,
-                       _precision(wanted_precision, precision_source, "cuda" if used else "cpu", used, hardware),
-                       launch.launcher, tuple(hardware.gpu_names[i] for i in node_gpus),
+        return Runtime("ddp", torch.device("cuda", used[0]) if used else "cpu", used, launch.rank, launch.local_rank,
+                       launch.world_size, launch.node_rank, launch.backend or ("nccl" if used else "gloo"),
+                       _precision(wanted, precision_source, used, hardware), launch.launcher,
+                       tuple(hardware.gpu_names[i] for i in node_gpus),
                        tuple(hardware.gpu_memory_gib[i] for i in node_gpus))
-
     if chosen in ("single", "dp") and not gpus:
         _fallback(strategy_source, chosen, "no GPU is visible (torch.cuda.device_count() == 0)", "running on the CPU")
     mode = "cpu" if not gpus else "single" if chosen == "single" or len(gpus) == 1 else "dp"
@@ -339,8 +297,7 @@ def detect_runtime(strategy: str | None = None, devices: str | Sequence[int] | N
                   "process group)", f"running in one process as {mode!r}. Call autoparallel.launch() at the top of "
                   "the script, or start it with torchrun --nproc_per_node=NUM_GPUS script.py")
     used = () if mode == "cpu" else gpus[:1] if mode == "single" else gpus
-    device = torch.device("cuda", used[0]) if used else torch.device("cpu")
-    return Runtime(mode, device, used, precision=_precision(wanted_precision, precision_source, device.type, used,
-                                                             hardware),
+    return Runtime(mode, torch.device("cuda", used[0]) if used else "cpu", used,
+                   precision=_precision(wanted, precision_source, used, hardware),
                    launcher=launch.launcher if launch else None, gpu_names=tuple(hardware.gpu_names[i] for i in used),
                    gpu_memory_gib=tuple(hardware.gpu_memory_gib[i] for i in used))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import autoparallel as ap
 from autoparallel import launch, requested_processes
 from autoparallel.launch import launch_command
 
@@ -68,7 +69,7 @@ def test_launch_command_for_a_script_and_for_python_dash_m() -> None:
     module_main.__spec__ = types.SimpleNamespace(name="tools.train")
     assert launch_command(4, module_main, ["/abs/tools/train.py", "--fast"])[-4:] == [
         "--nproc_per_node=4", "-m", "tools.train", "--fast"]
-    with pytest.raises(RuntimeError, match="there is none here"):
+    with pytest.raises(ap.UsageError, match="there is none here"):
         launch_command(2, script_main, ["-c"])
 
 
