@@ -16,12 +16,12 @@ from .data import loader
 from .detect import Hardware, Runtime, detect_runtime
 from .ema import EMA
 from .errors import (
-    CheckpointError,
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    UntrustedCheckpointError,
-    UsageError,
+                     CheckpointError,
+                     CheckpointMismatchError,
+                     CheckpointNotFoundError,
+                     CorruptCheckpointError,
+                     UntrustedCheckpointError,
+                     UsageError,
 )
 from .launch import launch, requested_processes
 from .output import print, print_banner, progress
@@ -33,37 +33,10 @@ from .wrap import unwrap, wrap
 __version__ = "0.2.0"
 
 __all__ = [
-    "EMA",
-    "EXIT_RESUMABLE",
-    "CheckpointError",
-    "CheckpointKeeper",
-    "CheckpointMismatchError",
-    "CheckpointNotFoundError",
-    "CorruptCheckpointError",
-    "GradientAccumulator",
-    "Hardware",
-    "Runtime",
-    "StopRequest",
+    "EMA", "EXIT_RESUMABLE", "CheckpointError", "CheckpointKeeper", "CheckpointMismatchError",
+    "CheckpointNotFoundError", "CorruptCheckpointError", "GradientAccumulator", "Hardware", "Runtime", "StopRequest",
     "UntrustedCheckpointError",
-    "UsageError",
-    "all_gather",
-    "all_reduce",
-    "autocast",
-    "barrier",
-    "broadcast_object",
-    "detect_runtime",
-    "grad_scaler",
-    "is_main_process",
-    "launch",
-    "load_checkpoint",
-    "loader",
-    "parse_duration",
-    "print",
-    "print_banner",
-    "progress",
-    "requested_processes",
-    "runtime",
-    "save_checkpoint",
-    "unwrap",
-    "wrap",
+    "UsageError", "all_gather", "all_reduce", "autocast", "barrier", "broadcast_object", "detect_runtime",
+    "grad_scaler", "is_main_process", "launch", "load_checkpoint", "loader", "parse_duration", "print",
+    "print_banner", "progress", "requested_processes", "runtime", "save_checkpoint", "unwrap", "wrap",
 ]

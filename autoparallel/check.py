@@ -1,11 +1,10 @@
 """Is this machine ready for multi-GPU training? ``python -m autoparallel.check``.
 
-Reports the software stack, the GPUs, the runtime autoparallel would pick and the debugging settings it
-uses, then runs checks that do what training does: a DataParallel forward and backward with an uneven
-split under mixed precision, compared with one device, and a DDP all-reduce through torch's own launcher.
-Each check ends PASS, FAIL or SKIP with its reason. Exit status: 0 all passed, 1 a check failed, 2 no GPU
-(``--allow-cpu`` runs the checks that mean something on a CPU). An application adds its own checks, flags
-and advice through :func:`main` (``test_multi_gpu.py`` adds CamoXpert's).
+Reports the stack, the GPUs, the runtime autoparallel would pick and the debugging settings, then runs
+checks that do what training does: a DataParallel forward and backward with an uneven split under mixed
+precision, compared with one device, and a DDP all-reduce through torch's launcher. Each ends PASS, FAIL or
+SKIP with its reason. Exit status 0: all passed, 1: a check failed, 2: no GPU (``--allow-cpu`` runs the
+checks that mean something on a CPU). An application adds checks, flags and advice through :func:`main`.
 """
 from __future__ import annotations
 
@@ -55,45 +54,33 @@ def local_runtime() -> Runtime:
     return detect_runtime(env=env, hardware=Hardware.probe())
 
 
-def debugging_knobs() -> dict[str, str]:
-    """The debugging settings a job here would run with: as set, or what autoparallel sets under NCCL."""
-    knobs = {name: os.environ.get(name, "(not set)") for name in KNOBS}
-    nccl = dict(os.environ)
-    knobs.update({name: f"{value} (set by autoparallel for nccl jobs)" for name, value
-                  in group.debug_environment(nccl).items() if name not in os.environ})
-    return knobs
-
-
 def collect_environment() -> dict[str, Any]:
-    """Versions, GPUs, the runtime autoparallel would pick and the debugging knobs, as plain data."""
-    props = [torch.cuda.get_device_properties(i) for i in range(gpus())]
-    try:
-        from .output import banner
+    """Versions, GPUs, the runtime and launch autoparallel would pick, and the debugging knobs, as plain data."""
+    from .launch import requested_processes
+    from .output import banner
 
-        runtime_text = banner(local_runtime())
-    except Exception as error:  # the report must print even when detection itself is broken
-        runtime_text = f"could not detect the runtime: {type(error).__name__}: {error}"
-    try:
-        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
-    except Exception:  # builds without NCCL
-        nccl = None
+    def attempt(what: Callable[[], Any]) -> Any:  # the report must print even when one part of it fails
+        try:
+            return what()
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
+    count = attempt(lambda: requested_processes(None, os.environ, gpus()))
+    knobs = {name: os.environ.get(name, "(not set)") for name in KNOBS}
+    knobs.update({name: f"{value} (set by autoparallel for nccl jobs)"
+                  for name, value in group.debug_environment(dict(os.environ)).items()})
+    props = [torch.cuda.get_device_properties(i) for i in range(gpus())]
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available(), "nccl": nccl,
+            "cuda_available": torch.cuda.is_available(),
+            "nccl": attempt(lambda: ".".join(map(str, torch.cuda.nccl.version()))) if gpus() else None,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "cpu_count": os.cpu_count(),
             "gpus": [{"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                       "compute_capability": f"{p.major}.{p.minor}", "bf16": p.major >= 8} for i, p in enumerate(props)],
-            "runtime": runtime_text, "launch": _launch_plan(), "debugging": debugging_knobs()}
-
-
-def _launch_plan() -> str:
-    from .launch import requested_processes
-
-    try:
-        count = requested_processes(None, os.environ, gpus())
-    except ValueError as error:
-        return str(error)
-    return "keeps one process" if count is None else f"re-runs the script as {count} DDP processes"
+            "runtime": attempt(lambda: banner(local_runtime())),
+            "launch": count if isinstance(count, str) else
+            "keeps one process" if count is None else f"re-runs the script as {count} DDP processes",
+            "debugging": knobs}
 
 
 def check_cuda(args: argparse.Namespace) -> tuple[str, str]:
@@ -105,28 +92,18 @@ def check_cuda(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def check_device_count(args: argparse.Namespace) -> tuple[str, str]:
+    """The GPUs, and which pairs lack peer access (their copies go through host memory: correct, slower)."""
     count = gpus()
     if count == 0:
         return SKIP, "no GPU"
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
     if args.expect_gpus is not None and count < args.expect_gpus:
         return FAIL, f"{count} GPU(s) ({names}), expected {args.expect_gpus}"
-    return PASS, f"1 GPU ({names}): training runs on one device" if count == 1 else f"{count} GPUs: {names}"
-
-
-def check_peer_access(args: argparse.Namespace) -> tuple[str, str]:
-    if gpus() < 2:
-        return SKIP, "needs 2 or more GPUs"
-    missing = []
-    for src in range(gpus()):
-        for dst in (d for d in range(gpus()) if d != src):
-            data = torch.randn(2**20, device=f"cuda:{src}")  # 4 MiB
-            if not torch.equal(data, data.to(f"cuda:{dst}").to(f"cuda:{src}")):
-                return FAIL, f"a tensor copied cuda:{src} -> cuda:{dst} -> cuda:{src} came back corrupted"
-            if not torch.cuda.can_device_access_peer(src, dst):
-                missing.append(f"{src}->{dst}")
-    return PASS, "copies intact; " + (f"no peer access for {', '.join(missing)}: copies go through host memory "
-                                      "(correct, somewhat slower)" if missing else "every GPU pair has peer access")
+    if count == 1:
+        return PASS, f"1 GPU ({names}): training runs on one device"
+    no_peer = [f"{a}->{b}" for a in range(count) for b in range(count)
+               if a != b and not torch.cuda.can_device_access_peer(a, b)]
+    return PASS, f"{count} GPUs: {names}; " + (f"no peer access {', '.join(no_peer)}" if no_peer else "peer access")
 
 
 class _Probe(nn.Module):
@@ -180,11 +157,15 @@ def check_dataparallel(args: argparse.Namespace) -> tuple[str, str]:
     loss, grads = _step(wrapped, candidate, images, targets, spread)
     tolerance = 1e-5 if count == 0 else 2e-2  # TF32 / fp16 / bf16 reductions run in another order
     grad_diff = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-8)).item() for n, g in ref_grads.items())
-    loss_diff = abs(loss - ref_loss) / max(abs(ref_loss), 1e-8)
-    if not loss_diff <= tolerance or not grad_diff <= tolerance:
+    if not abs(loss - ref_loss) / max(abs(ref_loss), 1e-8) <= tolerance or not grad_diff <= tolerance:
         return FAIL, (f"{setting}: loss {loss:.6f} vs one device {ref_loss:.6f}, max relative gradient difference "
                       f"{grad_diff:.2e} (tolerance {tolerance:.0e})")
     return PASS, f"{setting}: loss and gradients match one device (max rel. diff {grad_diff:.1e})"
+
+
+def ddp_command(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+            "autoparallel.check", "--_ddp-worker"]
 
 
 def check_ddp(args: argparse.Namespace) -> tuple[str, str]:
@@ -216,11 +197,6 @@ def check_ddp(args: argparse.Namespace) -> tuple[str, str]:
     return (PASS if ok else FAIL), f"{nproc} processes ({backend}) via torch.distributed.run: {detail}"
 
 
-def ddp_command(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-            "autoparallel.check", "--_ddp-worker"]
-
-
 def _ddp_worker() -> int:
     """In each process check_ddp starts: an all-reduce and an uneven all-gather."""
     from .collectives import all_gather, all_reduce
@@ -239,28 +215,25 @@ def _ddp_worker() -> int:
 
 
 def check_bandwidth(args: argparse.Namespace) -> tuple[str, str]:
-    if not args.bandwidth:
-        return SKIP, "not asked (--bandwidth measures GPU-to-GPU copies)"
-    if gpus() < 2:
-        return SKIP, "needs 2 or more GPUs"
-    size, rates = 256 * 2**20, []
-    for src in range(gpus()):
-        for dst in (d for d in range(gpus()) if d != src):
-            data = torch.empty(size, dtype=torch.uint8, device=f"cuda:{src}")
-            target = torch.empty_like(data, device=f"cuda:{dst}")
-            target.copy_(data)  # warm-up: the first copy sets up the peer mapping
+    if not args.bandwidth or gpus() < 2:
+        return SKIP, "needs 2 or more GPUs" if args.bandwidth else "not asked (--bandwidth measures GPU-to-GPU copies)"
+    rates = []
+    for src, dst in ((a, b) for a in range(gpus()) for b in range(gpus()) if a != b):
+        data = torch.empty(256 * 2**20, dtype=torch.uint8, device=f"cuda:{src}")
+        target = torch.empty_like(data, device=f"cuda:{dst}")
+        for copies in (1, 5):  # the first copy sets up the peer mapping: not timed
             torch.cuda.synchronize(src), torch.cuda.synchronize(dst)
             start = time.perf_counter()
-            for _ in range(5):
+            for _ in range(copies):
                 target.copy_(data)
             torch.cuda.synchronize(src), torch.cuda.synchronize(dst)
-            rates.append(f"{src}->{dst} {5 * size / (time.perf_counter() - start) / 1e9:.1f} GB/s")
+        rates.append(f"{src}->{dst} {5 * data.numel() / (time.perf_counter() - start) / 1e9:.1f} GB/s")
     return PASS, ", ".join(rates)
 
 
 CHECKS: list[tuple[str, Check]] = [("CUDA available", check_cuda), ("GPU count", check_device_count),
-                                   ("peer-to-peer", check_peer_access), ("DataParallel fwd+bwd", check_dataparallel),
-                                   ("DDP all-reduce", check_ddp), ("GPU bandwidth", check_bandwidth)]
+                                   ("DataParallel fwd+bwd", check_dataparallel), ("DDP all-reduce", check_ddp),
+                                   ("GPU bandwidth", check_bandwidth)]
 
 
 def run_checks(args: argparse.Namespace, checks: Sequence[tuple[str, Check]]) -> list[Result]:
@@ -280,34 +253,30 @@ def run_checks(args: argparse.Namespace, checks: Sequence[tuple[str, Check]]) ->
 
 
 def format_report(environment: dict[str, Any], results: Sequence[Result], code: int, advice: Sequence[str]) -> str:
-    rows = [("Python", environment["python"]), ("torch", environment["torch"]),
-            ("CUDA", f"{environment['cuda_build'] or 'none (CPU-only build)'}, available: "
+    build, visible = environment["cuda_build"], environment["cuda_visible_devices"]
+    rows = [("Python / torch", f"{environment['python']} / {environment['torch']}"),
+            ("CUDA", f"{build or 'none (CPU-only build)'}, available: "
                      f"{'yes' if environment['cuda_available'] else 'no'}"),
             ("cuDNN / NCCL", f"{environment['cudnn']} / {environment['nccl']}"),
-            ("CUDA_VISIBLE_DEVICES", "(not set)" if environment["cuda_visible_devices"] is None
-             else repr(environment["cuda_visible_devices"]))]
+            ("CUDA_VISIBLE_DEVICES", "(not set)" if visible is None else repr(visible))]
     rows += [(f"GPU {g['index']}", f"{g['name']}, {g['memory_gib']} GiB, compute {g['compute_capability']}, bf16: "
                                    f"{'yes' if g['bf16'] else 'no'}") for g in environment["gpus"]]
-    rows += [("runtime", environment["runtime"]), ("ap.launch()", environment["launch"])]
-    rows += list(environment["debugging"].items())
+    rows += [("runtime", environment["runtime"]), ("ap.launch()", environment["launch"]),
+             *environment["debugging"].items()]
     width = max(len(result.name) for result in results)
-    lines = ["autoparallel environment check", ""] + [f"  {key:<28}{value}" for key, value in rows] + [""]
-    lines.append(f"  {'check':<{width}}  status  time    reason")
-    lines += [f"  {r.name:<{width}}  {r.status:<6}  {r.seconds:5.1f}s  {r.reason}" for r in results] + [""]
+    lines = ["autoparallel environment check", "", *(f"  {key:<28}{value}" for key, value in rows), "",
+             f"  {'check':<{width}}  status  time    reason",
+             *(f"  {r.name:<{width}}  {r.status:<6}  {r.seconds:5.1f}s  {r.reason}" for r in results), ""]
     if code == 2:
-        build = environment["cuda_build"]
-        visible = environment["cuda_visible_devices"]
         lines += ["No GPU found: torch cannot see a CUDA device, so training would run on the CPU.",
                   f"  - torch {environment['torch']} is " + (f"a CUDA {build} build: check the driver with "
-                                                             "`nvidia-smi`." if build else
-                                                             "a CPU-only build: install a CUDA build."),
+                                                             "`nvidia-smi`." if build else "a CPU-only build."),
                   "  - CUDA_VISIBLE_DEVICES is not set." if visible is None else f"  - CUDA_VISIBLE_DEVICES={visible!r}"
                   + (": an empty value hides every GPU." if not visible.strip() else "."),
                   "To run the checks that work on a CPU: add --allow-cpu."]
-    lines += list(advice)
-    failed = [r.name for r in results if r.status == FAIL]
-    verdict = {0: "all checks passed", 1: f"FAILED: {', '.join(failed)}", 2: "no GPU found"}[code]
-    return "\n".join(lines + [f"Result: {verdict} (exit code {code})"])
+    failed = ", ".join(r.name for r in results if r.status == FAIL)
+    verdict = {0: "all checks passed", 1: f"FAILED: {failed}", 2: "no GPU found"}[code]
+    return "\n".join([*lines, *advice, f"Result: {verdict} (exit code {code})"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,11 +309,8 @@ def main(argv: Sequence[str] | None = None, *, checks: Sequence[tuple[str, Check
     results = run_checks(args, [*CHECKS, *checks])
     code = 2 if gpus() == 0 and not args.allow_cpu else 1 if any(r.status == FAIL for r in results) else 0
     extra = advice(environment, results) if advice is not None else []
-    if args.json:
-        print(json.dumps({"environment": environment, "checks": [asdict(r) for r in results], "advice": extra,
-                          "exit_code": code}, indent=2))
-    else:
-        print(format_report(environment, results, code, extra))
+    print(json.dumps({"environment": environment, "checks": [asdict(r) for r in results], "advice": extra,
+                      "exit_code": code}, indent=2) if args.json else format_report(environment, results, code, extra))
     return code
 
 

@@ -11,8 +11,7 @@ from torch import nn
 
 from autoparallel import check
 
-CHECK_NAMES = ["CUDA available", "GPU count", "peer-to-peer", "DataParallel fwd+bwd", "DDP all-reduce",
-               "GPU bandwidth"]
+CHECK_NAMES = ["CUDA available", "GPU count", "DataParallel fwd+bwd", "DDP all-reduce", "GPU bandwidth"]
 
 
 def cli(argv):
@@ -49,7 +48,7 @@ def test_without_gpu_json_lists_every_check(no_gpu, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["exit_code"] == 2
     assert [c["name"] for c in report["checks"]] == CHECK_NAMES
-    assert [c["status"] for c in report["checks"]] == ["FAIL"] + ["SKIP"] * 5
+    assert [c["status"] for c in report["checks"]] == ["FAIL"] + ["SKIP"] * 4
     assert report["environment"]["gpus"] == []
     assert report["environment"]["torch"] == torch.__version__
 
@@ -58,8 +57,8 @@ def test_allow_cpu_passes_with_json(no_gpu, fast_ddp, capsys):
     assert check.main(["--allow-cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     statuses = {c["name"]: c["status"] for c in report["checks"]}
-    assert statuses == {"CUDA available": "SKIP", "GPU count": "SKIP", "peer-to-peer": "SKIP",
-                        "DataParallel fwd+bwd": "PASS", "DDP all-reduce": "PASS", "GPU bandwidth": "SKIP"}
+    assert statuses == {"CUDA available": "SKIP", "GPU count": "SKIP", "DataParallel fwd+bwd": "PASS",
+                        "DDP all-reduce": "PASS", "GPU bandwidth": "SKIP"}
     assert report["exit_code"] == 0
 
 
@@ -79,7 +78,7 @@ def test_an_exception_in_a_check_is_its_failure(no_gpu, fast_ddp, monkeypatch):
     failed = [r for r in results if r.status == check.FAIL]
     assert [(r.name, r.reason) for r in failed] == [
         ("DataParallel fwd+bwd", "RuntimeError: CUDA error: misaligned address")]
-    assert len(results) == 6  # the report goes on after the failure
+    assert len(results) == 5  # the report goes on after the failure
 
 
 def test_dataparallel_check_on_cpu_compares_gradients(no_gpu):
