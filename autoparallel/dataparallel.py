@@ -1,20 +1,13 @@
 """Our ``nn.DataParallel``: a drop-in for the model, whose outputs come back with their one-GPU values.
 
-``nn.DataParallel`` concatenates every output tensor along the batch dimension, so a 0-dim loss comes back
-as one value per GPU, and it hides the model behind ``.module``. The merge rule here, applied at any
-depth of what ``forward`` returns (:func:`merge_outputs`):
-
-* a tensor with a batch dimension: concatenated, as torch does;
-* a 0-dim float tensor or a Python float is a mean (a loss): averaged, weighted by each replica's share
-  of the batch, which gives the full batch's mean; a sum-reduced loss would need a sum, so return means;
-* a 0-dim integer tensor or a Python int is a count: summed; a bool (tensor or Python) is a flag: true
-  when any replica's is;
-* dicts, lists, tuples, namedtuples and dataclasses: merged field by field; strings and None must agree;
-* anything else (an object holding tensors) is refused with the fix, never silently taken from replica 0.
-
-The model's own attributes win over DataParallel's: a model with ``dim``, ``device_ids`` or
-``output_device`` attributes keeps them, and DataParallel keeps its settings under private names.
-Replicas run under the caller's autocast dtype (torch's threads would fall back to fp16 under bf16).
+torch's concatenates every output along the batch dimension (a 0-dim loss comes back as one value per GPU)
+and hides the model behind ``.module``. Here (:func:`merge_outputs`, at any depth of what ``forward``
+returns): tensors with a batch dimension are concatenated; a 0-dim float tensor or Python float is a mean,
+weighted by each replica's share of the batch (return means, not sums); a 0-dim integer tensor or Python
+int is a count, summed; a bool is a flag, true when any replica's is; dicts, sequences, namedtuples and
+dataclasses merge field by field; strings and None must agree; anything else is refused with the fix. The
+model's own ``dim``, ``device_ids`` and ``output_device`` win over DataParallel's, and replicas run under
+the caller's autocast dtype (torch's worker threads would fall back to fp16 under bf16).
 """
 from __future__ import annotations
 
@@ -131,19 +124,13 @@ def _first_batch_size(obj: Any, dim: int) -> int | None:
 
 
 class _AutocastReplica:
-    """Calls one replica under the autocast state of the thread that called ``forward``.
-
-    torch's ``parallel_apply`` re-enters autocast in each worker thread passing only ``enabled``, and the
-    autocast dtype is thread-local, so under bf16 the replicas would run fp16 without a scaler
-    (pytorch issue #125186). The state is captured when this object is built, in the calling thread.
-    """
+    """One replica, called under the autocast state of the thread that called ``forward`` (captured here):
+    torch's ``parallel_apply`` re-enters autocast passing only ``enabled`` (pytorch issue #125186)."""
 
     def __init__(self, module: Callable[..., Any], device_type: str) -> None:
         self.module, self.device_type = module, device_type
-        self.enabled = torch.is_autocast_enabled(device_type) if hasattr(torch, "get_autocast_dtype") else (
-            torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled())
-        self.dtype = torch.get_autocast_dtype(device_type) if hasattr(torch, "get_autocast_dtype") else (
-            torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype())
+        self.enabled = torch.is_autocast_enabled(device_type)
+        self.dtype = torch.get_autocast_dtype(device_type)
         self.cache_enabled = torch.is_autocast_cache_enabled()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
