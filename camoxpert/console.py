@@ -109,6 +109,16 @@ def plan_lines(trainer: Trainer) -> list[str]:
     return lines
 
 
+def summary_lines(trainer: Trainer, *, quiet: bool) -> list[str]:
+    """Where the run's results are; ``quiet`` leaves out the best validation line (a stopped run)."""
+    folder, keeper, best = trainer.checkpoint_dir, trainer.keeper, trainer.best
+    best_text = "none (no validation ran)" if best is None else f"{best:.4f} at epoch {trainer.best_epoch}"
+    lines = [] if quiet else [f"done: best validation {trainer.args.metric} {best_text}"]
+    lines.append(f"checkpoints: best {keeper.best or '-'} | last {keeper.last or '-'} | history "
+                 f"{folder / 'history.jsonl'}")
+    return lines + ([f"curves: {folder / 'curves.png'}"] if trainer.run_log.records else [])
+
+
 def epoch_line(record: dict[str, Any], *, epochs: int, label: str, lr: float, eta: str | None) -> str:
     """``epoch 3/20 [stage 2/2] loss 0.4123 | val IoU 0.5012 ... | lr 0.002 | 9.8 s, 32.5 img/s | run ETA 2 min``."""
     line = f"epoch {record['epoch']}/{epochs}{f' [{label}]' if label else ''} loss {record['train_loss']:.4f}"

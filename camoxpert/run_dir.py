@@ -1,4 +1,5 @@
-"""The run folder (``--checkpoint-dir``): the rule that keeps an earlier run's files, and the free-space check.
+"""The run folder (``--checkpoint-dir``): the rule that keeps an earlier run's files, the free-space check,
+and the files a run writes next to its checkpoints (``args.json``, ``history.jsonl``, ``curves.png``).
 
 A folder that holds a run (``last.pt``, ``best.pt``, ``epoch_*.pt``, ``history.jsonl`` or ``args.json``) is
 used again only to continue that run (``--resume-from`` a checkpoint in it) or, with ``--overwrite``, to
@@ -6,11 +7,16 @@ start over, which first removes every file an earlier run wrote there, so two ru
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+import autoparallel as ap
+
+from . import curves
 from .errors import UserError
 
 RUN_FILES = ("last.pt", "best.pt", "history.jsonl", "args.json")
@@ -90,3 +96,35 @@ def check_free_space(folder: str | Path, checkpoint_size: int) -> None:
     if free < needed:
         raise UserError(f"no space left on {folder}: {needed / 1e6:.0f} MB needed for a checkpoint, "
                         f"{free / 1e6:.0f} MB free: free some space or pass --checkpoint-dir on another disk")
+
+
+class RunLog:
+    """``args.json``, ``history.jsonl`` and ``curves.png``; every method does nothing where not ``enabled``."""
+
+    def __init__(self, folder: Path, *, enabled: bool) -> None:
+        self.folder, self.enabled = folder, enabled
+        self.records: list[dict[str, Any]] = []  # history.jsonl's, for curves.png
+
+    def start(self, config: dict[str, Any], start_epoch: int) -> None:
+        """Writes ``args.json``; a continued run keeps the history of the epochs before ``start_epoch``."""
+        if not self.enabled:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "args.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        history = self.folder / "history.jsonl"
+        if start_epoch and history.is_file():  # its curves start at epoch 1
+            records = map(json.loads, history.read_text().splitlines())
+            self.records = [record for record in records if record["epoch"] <= start_epoch]
+        if not curves.available():
+            ap.print("note: matplotlib is not installed, so curves.png is not written (pip install matplotlib); "
+                     "history.jsonl has the same numbers")
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Appends ``record`` to ``history.jsonl`` and redraws ``curves.png``."""
+        if not self.enabled:
+            return
+        with open(self.folder / "history.jsonl", "a") as history:
+            history.write(json.dumps(record) + "\n")
+        self.records.append(record)
+        if curves.available():
+            curves.write_curves(self.records, self.folder / "curves.png")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import time
 import warnings
@@ -21,7 +20,7 @@ import torch
 
 import autoparallel as ap
 
-from . import console, curves, run_dir
+from . import console, run_dir
 from .data import build_train_val
 from .errors import UserError
 from .evaluate import inference_module, score
@@ -118,7 +117,6 @@ class Trainer:
         self.start_epoch, self.step = 0, 0
         self.best: float | None = None
         self.best_epoch: int | None = None
-        self.history: list[dict[str, Any]] = []  # history.jsonl's records, for curves.png
         self.partial: dict[str, Any] | None = None  # where a checkpoint saved mid-epoch left that epoch
         self.stop: ap.StopRequest | None = None
         every = str(args.save_every or "").strip()  # --save-every: optimizer steps, or a duration
@@ -299,25 +297,6 @@ class Trainer:
         summary, _ = score(module, self.val_loader, self.val_set, self.rt)
         return summary
 
-    # --- the run -----------------------------------------------------------------------------------------
-
-    def _start(self) -> None:
-        """Before the first epoch, on the main process: free space, ``args.json``, the earlier history."""
-        # The run folder was claimed (camoxpert.run_dir.claim) by every process before any of them got here.
-        if not self.rt.is_main:
-            return
-        run_dir.check_free_space(self.checkpoint_dir, run_dir.checkpoint_bytes(ap.unwrap(self.model),
-                                                                              ema=self.ema is not None))
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        (self.checkpoint_dir / "args.json").write_text(json.dumps(self.config, indent=2, default=str) + "\n")
-        history = self.checkpoint_dir / "history.jsonl"
-        if self.start_epoch and history.is_file():  # a continued run: its curves start at epoch 1
-            records = map(json.loads, history.read_text().splitlines())
-            self.history = [record for record in records if record["epoch"] <= self.start_epoch]
-        if not curves.available():
-            ap.print("note: matplotlib is not installed, so curves.png is not written (pip install matplotlib); "
-                     "history.jsonl has the same numbers")
-
     def fit(self, num_epochs: int | None = None) -> dict[str, Any]:
         """Trains from ``start_epoch`` to ``--epochs``; returns the best and the last validation results.
 
@@ -327,7 +306,11 @@ class Trainer:
         """
         args = self.args
         end_epoch = args.epochs if num_epochs is None else min(args.epochs, self.start_epoch + num_epochs)
-        self._start()
+        self.run_log = run_dir.RunLog(self.checkpoint_dir, enabled=self.rt.is_main)
+        if self.rt.is_main:  # the folder was claimed (run_dir.claim) by every process before any got here
+            run_dir.check_free_space(self.checkpoint_dir, run_dir.checkpoint_bytes(ap.unwrap(self.model),
+                                                                                  ema=self.ema is not None))
+        self.run_log.start(self.config, self.start_epoch)
         for line in console.plan_lines(self):
             ap.print(line)
         clock = console.RunClock(sum(self.micro_batches[self.stage(e)] for e in range(self.start_epoch, args.epochs)))
@@ -349,7 +332,7 @@ class Trainer:
                       "best": is_best}
             ap.print(console.epoch_line(record, epochs=args.epochs, label=self.stage_label(epoch),
                                         lr=self.optimizer.param_groups[-1]["lr"], eta=clock.eta()))
-            self._record(record)
+            self.run_log.add(record)
             if epoch + 1 < end_epoch and self.stop.should_stop():
                 return self._stopped(self.stop.agreed, epoch + 1)
         self.stop.close()
@@ -363,25 +346,9 @@ class Trainer:
                  f"--resume-from {self.keeper.last}")
         return {**self._finish(None, quiet=True), "stopped": reason}
 
-    def _record(self, record: dict[str, Any]) -> None:
-        """Appends ``record`` to ``history.jsonl`` and redraws ``curves.png`` (main process only)."""
-        if not self.rt.is_main:
-            return
-        with open(self.checkpoint_dir / "history.jsonl", "a") as history:
-            history.write(json.dumps(record) + "\n")
-        self.history.append(record)
-        if curves.available():
-            curves.write_curves(self.history, self.checkpoint_dir / "curves.png")
-
     def _finish(self, last_val: dict[str, float] | None, quiet: bool = False) -> dict[str, Any]:
-        best_text = "none (no validation ran)" if self.best is None else \
-            f"{self.best:.4f} at epoch {self.best_epoch}"
-        if not quiet:
-            ap.print(f"done: best validation {self.args.metric} {best_text}")
-        ap.print(f"checkpoints: best {self.keeper.best or '-'} | last {self.keeper.last or '-'} | history "
-                 f"{self.checkpoint_dir / 'history.jsonl'}")
-        if self.history:
-            ap.print(f"curves: {self.checkpoint_dir / 'curves.png'}")
+        for line in console.summary_lines(self, quiet=quiet):
+            ap.print(line)
         return {"metric": self.args.metric, "best_metric": self.best, "best_epoch": self.best_epoch,
                 "last_val": last_val, "epochs": self.args.epochs, "start_epoch": self.start_epoch,
                 "steps": self.step, "checkpoint_dir": str(self.checkpoint_dir)}
