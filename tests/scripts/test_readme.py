@@ -1,4 +1,4 @@
-"""Every shell command in README.md is checked: parsed by the real argument parser, or run.
+"""Every shell command in README.md is checked: parsed by the real argument parser, or run; its Python examples run.
 
 A command this file does not know how to check fails the test, so a new command in the README needs a
 check here before it can land.
@@ -74,6 +74,8 @@ def check_bench_command(script: str, args: list[str]) -> None:
 
 
 def check_command(words: list[str], tmp_path: Path) -> None:
+    if words[0] == "time":  # the shell's timing of the command that follows
+        words = words[1:]
     while re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # environment assignments before the command
         words = words[1:]
     if words[0] == "make":
@@ -138,26 +140,97 @@ def test_dry_run_prints_the_command_the_readme_promises(tmp_path):
     assert "train_ultimate.py train" in out.stdout
 
 
-def test_readme_python_example_trains(tmp_path, monkeypatch):
-    """The 'In an existing script' example runs as written, given a model, a data set and a loss."""
+def _python_example(containing: str) -> str:
+    """The README's one ```python block that contains ``containing``."""
+    (example,) = [block for block in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+                  if containing in block]
+    return example
+
+
+PORT = _python_example("ap.GradientAccumulator(")  # "Porting an existing script": the full port
+EVALUATION = _python_example("train=False")  # "Evaluation and gathering"
+
+
+@pytest.fixture
+def one_cpu_process(monkeypatch):
+    """The examples run here as one CPU process on any machine: ap.launch() must not re-run pytest on a GPU box."""
+    import autoparallel as ap
+
+    monkeypatch.setenv("AUTOPARALLEL_STRATEGY", "cpu")
+    ap.runtime(strategy="cpu")  # replaces a runtime cached by an earlier test
+    yield
+    sys.modules["autoparallel.runtime"].reset_runtime()  # the next test detects its own
+
+
+def _data(samples: int = 128):
+    import torch
+
+    inputs = torch.randn(samples, 4, generator=torch.Generator().manual_seed(1))
+    return inputs, inputs.sum(dim=1, keepdim=True)
+
+
+def _run_port(folder: Path, monkeypatch, loss_fn=None) -> dict:
+    """The full port as written, given a model, a data set and a loss, in ``folder`` (where last.pt goes)."""
     import torch
     from torch import nn
 
-    (example,) = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
-                  if "ap.wrap" in b]
-    monkeypatch.chdir(tmp_path)
-    inputs = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
-    targets = inputs.sum(dim=1, keepdim=True)
+    monkeypatch.chdir(folder)
+    inputs, targets = _data()
+    torch.manual_seed(0)  # MyModel() starts from the same weights, the loader shuffles alike
+    namespace = {"MyModel": lambda: nn.Linear(4, 1), "train_set": torch.utils.data.TensorDataset(inputs, targets),
+                 "loss_fn": loss_fn or nn.functional.mse_loss}
+    exec(compile(PORT, "README.md", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.usefixtures("one_cpu_process")
+def test_readme_port_trains_and_its_evaluation_gathers_every_sample(tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    inputs, targets = _data()
     torch.manual_seed(0)
     initial = nn.functional.mse_loss(nn.Linear(4, 1)(inputs), targets)
-    torch.manual_seed(0)  # MyModel() below starts from the same weights
-    namespace = {
-        "MyModel": lambda: nn.Linear(4, 1),
-        "train_set": torch.utils.data.TensorDataset(inputs, targets),
-        "loss_fn": nn.functional.mse_loss,
-    }
-    exec(compile(example, "README.md", "exec"), namespace)
-    assert namespace["ema"].num_updates == 10  # 64 samples / 32 per step / 2 accumulation x 10 epochs
-    final = nn.functional.mse_loss(namespace["model"](inputs), targets)
-    assert final < initial
+    namespace = _run_port(tmp_path, monkeypatch)
+    assert namespace["ema"].num_updates == 20  # 128 samples / 32 per micro-step / 2 accumulation x 10 epochs
+    assert nn.functional.mse_loss(namespace["model"](inputs), targets) < initial
     assert (tmp_path / "last.pt").is_file()
+    namespace["val_set"] = torch.utils.data.TensorDataset(inputs[:10], targets[:10])
+    exec(compile(EVALUATION, "README.md", "exec"), namespace)
+    assert torch.equal(namespace["labels"], targets[:10])  # every sample once, in dataset order
+    assert namespace["outputs"].shape == (10, 1)
+
+
+@pytest.mark.usefixtures("one_cpu_process")
+def test_readme_port_stopped_by_sigterm_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import torch
+    from torch import nn
+
+    import autoparallel as ap
+
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "stopped").mkdir()
+    straight = _run_port(tmp_path / "straight", monkeypatch)
+    calls = []
+
+    def loss_then_sigterm(output, target):  # the scheduler's SIGTERM arrives during micro-step 5 (epoch 1)
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return nn.functional.mse_loss(output, target)
+
+    with pytest.raises(SystemExit) as stopped:
+        _run_port(tmp_path / "stopped", monkeypatch, loss_then_sigterm)
+    assert stopped.value.code == ap.EXIT_RESUMABLE == 75
+    assert len(calls) == 6  # it stopped at the next optimizer step, in the middle of epoch 1
+    assert ap.load_checkpoint(tmp_path / "stopped" / "last.pt")["loader"] == {"epoch": 1, "batch": 2}
+    resumed = _run_port(tmp_path / "stopped", monkeypatch)  # the same command again
+    for name in ("model", "ema"):
+        mine = ap.unwrap(resumed[name].module if name == "ema" else resumed[name]).state_dict()
+        reference = ap.unwrap(straight[name].module if name == "ema" else straight[name]).state_dict()
+        for key, value in reference.items():
+            assert torch.equal(mine[key], value), f"{name}.{key}"  # one process: bitwise
+    assert resumed["ema"].num_updates == straight["ema"].num_updates == 20
