@@ -129,6 +129,7 @@ class Loader(DataLoader):
         self.batches_remaining: int | None = None  # None outside an iteration
         self._resume_batches = 0
         self._taken: int | None = None  # batches of the current epoch taken, while one is being iterated
+        self._left_at: int | None = None  # where the last iteration was left (a break), until the next starts
         self._iteration: object | None = None
         super().__init__(dataset, generator=torch.Generator(), **kwargs)
 
@@ -140,18 +141,18 @@ class Loader(DataLoader):
         """The next iteration is epoch ``epoch``; a pending mid-epoch resume position is kept for that epoch."""
         sampler = self._epoch_sampler
         if getattr(sampler, "epoch", epoch) != epoch:
-            self._resume_batches = 0
+            self._resume_batches, self._left_at = 0, None
         sampler.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, int]:
-        """Where the run is: ``{"epoch", "batch"}`` (batches of that epoch already taken)."""
-        taken = self._resume_batches if self._taken is None else self._taken
+        """Where the run is: ``{"epoch", "batch"}`` (batches of that epoch taken, also after a ``break``)."""
+        taken = self._taken if self._taken is not None else self._resume_batches or self._left_at or 0
         return {"epoch": int(getattr(self._epoch_sampler, "epoch", 0)), "batch": int(taken)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at ``state``: the next iteration is that epoch, starting after the batches already taken."""
         self._epoch_sampler.set_epoch(int(state["epoch"]))
-        self._resume_batches = int(state.get("batch", 0))
+        self._resume_batches, self._left_at = int(state.get("batch", 0)), None
 
     def __iter__(self) -> Iterator[Any]:
         if self._unsharded_by_detection and group.is_distributed():
@@ -159,7 +160,7 @@ class Loader(DataLoader):
                              "build it after torch.distributed.init_process_group (or ap.runtime())")
         sampler = self._epoch_sampler
         epoch = self.epoch = getattr(sampler, "epoch", 0)
-        skip, self._resume_batches = self._resume_batches, 0
+        skip, self._resume_batches, self._left_at = self._resume_batches, 0, None
         if isinstance(sampler, ShardedSampler):
             sampler.start = min(skip * self.batch_size, sampler.num_samples)
         self.generator.manual_seed(_worker_base_seed(self.seed, epoch, self.rank))
@@ -170,14 +171,16 @@ class Loader(DataLoader):
         else:
             batches = super().__iter__()
         self._taken, token = skip, object()
-        self._iteration = token
+        self._iteration, finished = token, False
         try:
             for batch in batches:
                 self.batches_remaining -= 1
                 self._taken += 1
                 yield batch
+            finished = True
         finally:
             if self._iteration is token:  # an abandoned iteration collected late must not reset a newer one
+                self._left_at = None if finished else self._taken
                 self._taken, self.batches_remaining = None, None
                 if isinstance(sampler, ShardedSampler):
                     sampler.start = 0

@@ -72,6 +72,24 @@ def test_each_iteration_is_a_new_epoch_and_set_epoch_replays_one() -> None:
     assert sum(epoch_batches(resumed), []) == epoch2
 
 
+def test_a_loop_left_with_break_is_where_state_dict_resumes_and_a_peek_costs_nothing() -> None:
+    data = loader(numbers(24), 4, seed=3, num_workers=0, runtime=CPU)
+    whole = epoch_batches(loader(numbers(24), 4, seed=3, num_workers=0, runtime=CPU))
+    assert next(iter(data))[0].tolist() == whole[0]  # a peek: the epoch still starts from its first batch
+    taken = []
+    for (batch,) in data:
+        taken.append(batch.tolist())
+        if len(taken) == 2:
+            break  # a stop request: the script leaves the loop, then saves
+    assert data.state_dict() == {"epoch": 0, "batch": 2}
+
+    resumed = loader(numbers(24), 4, seed=3, num_workers=0, runtime=CPU)
+    resumed.load_state_dict(data.state_dict())
+    assert taken + epoch_batches(resumed) == whole
+    assert resumed.state_dict() == {"epoch": 1, "batch": 0}
+    assert epoch_batches(data) == whole  # iterating the left loader again starts its epoch over, as DataLoader does
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("size", [0, 1, 3, 7, 10])
 @pytest.mark.parametrize("batch", [1, 2, 3])
