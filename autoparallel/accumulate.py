@@ -40,7 +40,9 @@ class GradientAccumulator:
     """Steps ``optimizer`` every ``accumulation_steps`` micro-steps of ``model`` (wrapped or not).
 
     ``scaler``: a ``GradScaler`` for fp16 (``ap.grad_scaler()``; a disabled one counts as none);
-    ``max_grad_norm``: clip after unscaling (``last_grad_norm`` holds the norm before clipping);
+    ``max_grad_norm``: clip after unscaling (``last_grad_norm`` holds the norm before clipping). Without a
+    scaler the norm is computed anyway, so a non-finite gradient skips the step (on every DDP rank alike:
+    the gradients were all-reduced) instead of reaching the weights;
     ``loader``: the training loader, whose last batch of an epoch ends the window.
     """
 
@@ -106,8 +108,8 @@ class GradientAccumulator:
         if window < self.accumulation_steps and grads:  # cut short by the epoch's end: the mean over what it has
             torch._foreach_mul_(grads, self.accumulation_steps / window)
         self.last_grad_norm = None
-        if self.max_grad_norm is not None:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self._parameters(), self.max_grad_norm)
+        if self.max_grad_norm is not None or self.scaler is None:  # the scaler checks for inf/NaN itself
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self._parameters(), self.max_grad_norm or float("inf"))
         self._scale_before = None
         if self.scaler is not None:
             self._scale_before = self.scaler.get_scale()  # scaler.step() syncs on its inf check anyway

@@ -124,6 +124,8 @@ def epoch_line(record: dict[str, Any], *, epochs: int, label: str, lr: float, et
     line = f"epoch {record['epoch']}/{epochs}{f' [{label}]' if label else ''} loss {record['train_loss']:.4f}"
     if record["val"] is not None:
         line += " | val " + " ".join(f"{name} {value:.4f}" for name, value in record["val"].items())
+    if record.get("skipped_steps"):
+        line += f" | {record['skipped_steps']} step(s) skipped (non-finite)"
     line += f" | lr {lr:.3g} | {record['time_s']:.1f} s, {record['images_per_s']:.1f} img/s"
     if eta is not None and record["epoch"] < epochs:
         line += f" | run ETA {eta}"

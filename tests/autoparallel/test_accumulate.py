@@ -97,10 +97,11 @@ def test_fp16_overflow_skips_the_step_instead_of_raising() -> None:
         assert torch.equal(ours, original)
 
 
-def test_non_finite_gradients_without_a_scaler_skip_the_step_when_clipping() -> None:
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_non_finite_gradients_without_a_scaler_skip_the_step_with_or_without_clipping(max_grad_norm) -> None:
     model = linear_model()
     before = [p.detach().clone() for p in model.parameters()]
-    accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=1.0)
+    accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=max_grad_norm)
     inputs, _ = batch(2)
     with accumulator.micro_step():
         accumulator.backward(model(inputs).sum() * float("nan"))

@@ -238,6 +238,25 @@ def test_stage_labels_name_the_stages_a_run_has(straight_run):
         "epoch 2/2 loss 0.5000 | lr 0.001 | 2.0 s, 8.0 img/s")
 
 
+def test_a_nan_loss_skips_its_step_and_the_epoch_line_counts_it(dataset, tmp_path, one_thread, monkeypatch, capsys):
+    from camoxpert.losses import CODLoss
+
+    calls, original = [], CODLoss.__call__
+
+    def nan_once(self, output, masks):
+        loss, parts = original(self, output, masks)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), parts
+
+    monkeypatch.setattr(CODLoss, "__call__", nan_once)
+    trainer = Trainer(_train_args(dataset, tmp_path, "--epochs", "1", "--stage1-epochs", "1", "--max-grad-norm", "0"))
+    trainer.fit()
+    record = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[0])
+    assert (record["nonfinite_losses"], record["skipped_steps"]) == (1, 1)
+    assert all(torch.isfinite(p).all() for p in ap.unwrap(trainer.model).parameters())
+    assert "1 step(s) skipped (non-finite)" in capsys.readouterr().out
+
+
 class _Bar:
     def __init__(self) -> None:
         self.postfixes: list[dict] = []

@@ -213,10 +213,30 @@ def case_reentrant_checkpoint() -> dict:
             "body_trained": checksum(ap.unwrap(model).body) != checksum(Net().body)}
 
 
+def case_nan_loss_on_one_rank() -> dict:
+    """A batch that gives rank 1 a NaN loss, in fp32 without clipping: the commonest way a run diverges."""
+    torch.manual_seed(0)
+    model = ap.wrap(Net())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = ap.GradientAccumulator(model, optimizer)
+    before, skipped = checksum(model), []
+    for features, labels in ap.loader(Numbers(16), batch_size=4, num_workers=0, shuffle=False):
+        with step.micro_step():
+            loss = nn.functional.cross_entropy(model(features), labels % 3)
+            step.backward(loss * float("nan") if rank() == 1 and not skipped else loss)
+        step.step()
+        skipped.append(step.last_step_skipped)
+        if len(skipped) == 1:
+            after_nan = checksum(model)
+    return {"skipped": per_rank(float(skipped[0])), "unchanged_by_nan": per_rank(float(after_nan == before)),
+            "later_steps_skipped": per_rank(float(any(skipped[1:]))), "model_checksums": per_rank(checksum(model)),
+            "finite": bool(all(torch.isfinite(p).all() for p in model.parameters()))}
+
+
 CASES = {"loader-epochs": case_loader_epochs, "eval-without-no-grad": case_eval_without_no_grad,
          "gather-per-batch": case_gather_per_batch, "ema-on-main-only": case_ema_on_main_only,
          "head-replaced": case_head_replaced, "double-ddp": case_double_ddp,
-         "reentrant-checkpoint": case_reentrant_checkpoint}
+         "reentrant-checkpoint": case_reentrant_checkpoint, "nan-loss-on-one-rank": case_nan_loss_on_one_rank}
 
 
 def main() -> None:

@@ -94,3 +94,13 @@ def test_reentrant_activation_checkpointing_trains_like_one_process():
     # Float tolerance across process counts (each rank sums half the batch); a missing all-reduce or a
     # skipped parameter moves the checksum by > 1e-2.
     assert first == pytest.approx(result["single_process"], abs=1e-4)
+
+
+def test_a_nan_loss_on_one_rank_skips_that_step_on_every_rank_and_training_goes_on():
+    result = run_case("nan-loss-on-one-rank")
+    assert result["skipped"] == [1.0, 1.0]  # both ranks skipped the first step: the NaN was all-reduced
+    assert result["unchanged_by_nan"] == [1.0, 1.0]
+    assert result["later_steps_skipped"] == [0.0, 0.0]
+    assert result["finite"] is True
+    checksums = result["model_checksums"]
+    assert checksums[0] == checksums[1]  # the same weights: DDP all-reduced identical gradients
