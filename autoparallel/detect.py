@@ -8,8 +8,12 @@ invalid value raises :class:`UsageError` naming its source and the choices.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -51,11 +55,41 @@ class Hardware:
 
     @classmethod
     def probe(cls) -> Hardware:
-        """The GPUs torch sees in this process."""
+        """The GPUs torch sees in this process. A notebook kernel asks a child process: querying them here
+        would initialise the CUDA driver, and processes ``ap.launch(fn)`` forks afterwards could not use it."""
+        if in_notebook() and "RANK" not in os.environ and torch.cuda.device_count() and \
+                not torch.cuda.is_initialized():  # device_count() reads NVML, which leaves CUDA untouched
+            found = _probe_in_child()
+            if found is not None:
+                return cls(*zip(*found)) if found else cls()
         props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())] \
             if torch.cuda.is_available() else []
         return cls(tuple(p.name for p in props), tuple(round(p.total_memory / 2**30, 2) for p in props),
                    tuple((p.major, p.minor) for p in props))
+
+
+_PROBE = ("import json, torch\nprops = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]"
+          " if torch.cuda.is_available() else []\nprint(json.dumps([[p.name, round(p.total_memory / 2**30, 2), "
+          "[p.major, p.minor]] for p in props]))")
+
+
+def _probe_in_child() -> list[tuple[str, float, tuple[int, int]]] | None:
+    """Name, GiB and capability of each GPU, read by a fresh Python; None (with a warning) when that fails."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                              check=True)
+        return [(name, memory, tuple(capability)) for name, memory, capability in json.loads(done.stdout)]
+    except (OSError, ValueError, subprocess.SubprocessError) as error:
+        logger.warning("reading the GPUs in a child process failed (%s): reading them in this kernel, after which "
+                       "ap.launch(fn) cannot fork processes that use CUDA", error)
+        return None
+
+
+def in_notebook() -> bool:
+    """This process is a Jupyter kernel (Jupyter, Kaggle, Colab)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 @dataclass(frozen=True)

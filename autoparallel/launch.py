@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import group
-from .detect import parse_devices
+from .detect import in_notebook, parse_devices
 from .errors import UsageError
 from .stop import EXIT_RESUMABLE
 
@@ -36,13 +36,6 @@ def _under_launcher(env: Mapping[str, str]) -> bool:
         return True
     tasks = env.get("SLURM_STEP_NUM_TASKS", "").strip()  # srun starts every task itself
     return tasks.isdigit() and int(tasks) > 1
-
-
-def in_notebook() -> bool:
-    """This process is a Jupyter kernel (Jupyter, Kaggle, Colab)."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if hasattr(ipython, "get_ipython") else None
-    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 def _visible_gpus() -> int:
@@ -151,9 +144,12 @@ def launch(fn: Callable[..., Any] | None = None, *args: Any, nproc: int | None =
     if fn is not None:
         if not callable(fn):
             raise TypeError(f"ap.launch(fn) needs a function, got {fn!r}; the number of processes is nproc=...")
+        import torch
+
         from .spawn import run
 
-        count = requested_processes(nproc, os.environ, _visible_gpus())
+        # device_count() reads NVML, where is_available() would initialise CUDA and break the forked processes
+        count = requested_processes(nproc, os.environ, torch.cuda.device_count())
         return fn(*args, **kwargs) if count is None or _under_launcher(os.environ) else run(fn, args, kwargs, count)
     if _under_launcher(os.environ):
         _record_exceptions()

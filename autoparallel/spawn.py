@@ -9,6 +9,7 @@ in this process (a forked child cannot re-initialise it), which is checked befor
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -27,6 +28,17 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _cuda_driver_initialised() -> bool:
+    """Whether this process has initialised the CUDA driver (``torch.cuda.is_available()`` does): before
+    ``cuInit`` every driver call but a few answers CUDA_ERROR_NOT_INITIALIZED, and asking changes nothing."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int()
+    return driver.cuDeviceGetCount(ctypes.byref(count)) == 0
 
 
 def _worker(index: int, fn: Callable[..., Any], args: tuple, kwargs: dict, count: int, port: int, results: Any) -> None:
@@ -51,10 +63,11 @@ def run(fn: Callable[..., Any], args: tuple, kwargs: dict, count: int) -> Any:
         raise UsageError("ap.launch(fn) was called inside a distributed job (a process group exists): call fn "
                          "directly there, or call ap.launch(fn) from the parent process")
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    if method == "fork" and torch.cuda.is_initialized():
-        raise UsageError("CUDA is already initialised in this process (an earlier cell used the GPU), and processes "
-                         "forked from it cannot use CUDA. Restart the kernel and call ap.launch(fn) before anything "
-                         "touches the GPU: build the model and data inside fn")
+    if method == "fork" and torch.cuda.device_count() and (torch.cuda.is_initialized() or _cuda_driver_initialised()):
+        raise UsageError("CUDA is already initialised in this process (an earlier cell used the GPU or called "
+                         "torch.cuda.is_available()), and processes forked from it cannot use CUDA. Restart the kernel "
+                         "and call ap.launch(fn) before anything touches the GPU: build the model and data inside fn "
+                         "(ap.runtime() is safe; so is torch.cuda.is_available() with PYTORCH_NVML_BASED_CUDA_CHECK=1)")
     import torch.multiprocessing as torch_mp
 
     results = multiprocessing.get_context(method).SimpleQueue()

@@ -49,6 +49,23 @@ print("RESULT " + json.dumps(result))""",
     ap.launch()
 except ap.UsageError as error:
     print("REFUSED", error)""",
+    """import time
+os.environ["AUTOPARALLEL_TIMEOUT"] = "5"
+
+def fails(stuck):
+    if ap.runtime().rank == 1:
+        if stuck:
+            time.sleep(120)  # never reaches the barrier rank 0 waits in
+        raise ValueError("rank 1 cannot go on")
+    ap.barrier()
+
+for stuck in (False, True):
+    start = time.monotonic()
+    try:
+        ap.launch(fails, stuck)
+        print("NOT RAISED")
+    except Exception as error:
+        print("RAISED " + json.dumps([stuck, type(error).__name__, time.monotonic() - start, str(error)]))""",
 ]
 
 
@@ -69,3 +86,12 @@ def test_launch_of_a_cell_function_trains_two_ddp_ranks_and_returns_rank_0s_resu
     assert result["samples"] == sorted(list(range(32)) * 2)  # sharded: every sample once in each of 2 epochs
     assert "REFUSED ap.launch() re-runs the script it is called from" in text
     assert "ap.launch(train)" in text
+    raised = [json.loads(line[len("RAISED "):]) for line in text.splitlines() if line.startswith("RAISED ")]
+    assert "NOT RAISED" not in text
+    assert [stuck for stuck, *_ in raised] == [False, True]
+    (_, _, _, failed), (_, _, waited, timed_out) = raised
+    assert "Traceback" in failed
+    assert "ValueError: rank 1 cannot go on" in failed
+    assert "rank 0" in timed_out
+    assert "barrier" in timed_out
+    assert waited < 60  # AUTOPARALLEL_TIMEOUT=5, not the 120 s the stuck rank sleeps
