@@ -68,7 +68,7 @@ def collect_environment() -> dict[str, Any]:
     count = attempt(lambda: requested_processes(None, os.environ, gpus()))
     knobs = {name: os.environ.get(name, "(not set)") for name in KNOBS}
     knobs.update({name: f"{value} (set by autoparallel for nccl jobs)"
-                  for name, value in group.debug_environment(dict(os.environ)).items()})
+                  for name, value in group.debug_environment(os.environ).items()})
     props = [torch.cuda.get_device_properties(i) for i in range(gpus())]
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
             "cuda_available": torch.cuda.is_available(),

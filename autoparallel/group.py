@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,20 +65,16 @@ _TIMEOUT_WORDS = ("timed out", "timeout", "wait timeout")
 TRACE_PREFIX = os.path.join(tempfile.gettempdir(), "autoparallel-nccl-trace", "rank_")
 
 
-def debug_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
-    """Turn on torch's NCCL flight recorder and its dump on timeout, unless already set; returns what was set.
+def debug_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings that turn on torch's NCCL flight recorder and its dump on timeout, where not already set.
 
-    Both names of each setting are set, as torch renamed them (``TORCH_NCCL_*`` to ``TORCH_FR_*``) over
+    Both names of each setting are given, as torch renamed them (``TORCH_NCCL_*`` to ``TORCH_FR_*``) over
     versions; a hang then leaves ``<TRACE_PREFIX><rank>`` files that ``torchfrtrace`` reads.
     """
     wanted = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_FR_BUFFER_SIZE": "2000",
               "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": TRACE_PREFIX,
               "TORCH_FR_DUMP_TEMP_FILE": TRACE_PREFIX}
-    added = {key: value for key, value in wanted.items() if not environ.get(key)}
-    environ.update(added)
-    if added:
-        os.makedirs(os.path.dirname(TRACE_PREFIX), exist_ok=True)
-    return added
+    return {key: value for key, value in wanted.items() if not environ.get(key)}
 
 
 @contextmanager

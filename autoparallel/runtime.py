@@ -75,7 +75,10 @@ def _join_process_group(rt: Runtime, environ: MutableMapping[str, str]) -> None:
         environ[key] = value
     if rt.device.type == "cuda":
         torch.cuda.set_device(rt.device)
-    if rt.backend == "nccl" and group.debug_environment(environ):
+    added = group.debug_environment(environ) if rt.backend == "nccl" else {}
+    if added:
+        environ.update(added)
+        os.makedirs(os.path.dirname(group.TRACE_PREFIX), exist_ok=True)
         logger.info("NCCL flight recorder on: a timeout dumps each rank's trace to %s<rank>", group.TRACE_PREFIX)
     with group.explained(f"joining the process group at {environ['MASTER_ADDR']}:{environ['MASTER_PORT']}"):
         dist.init_process_group(backend=rt.backend, init_method="env://", timeout=process_group_timeout(environ))
@@ -85,8 +88,8 @@ def _join_process_group(rt: Runtime, environ: MutableMapping[str, str]) -> None:
 
 def _warn_unlaunched_nproc(env: Mapping[str, str], rt: Runtime) -> None:
     global _warned_nproc
-    if _warned_nproc or rt.is_distributed or not env.get("AUTOPARALLEL_NPROC", "").strip():
-        return
+    if _warned_nproc or rt.is_distributed or env.get("AUTOPARALLEL_NPROC", "").strip() in ("", "1"):
+        return  # 1 asks for the one process this is
     _warned_nproc = True
     logger.warning("AUTOPARALLEL_NPROC=%s is set but this script did not start its processes: call ap.launch() at "
                    "the top of the script (or ap.launch(fn) in a notebook). Running one process",

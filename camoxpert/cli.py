@@ -78,7 +78,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                            "light (crops to 80%%, flip, colour jitter: for short runs such as the demo) or none "
                            "(default: standard)")
     data.add_argument("--keep-noncam", action="store_true",
-                      help="train on COD10K's NonCAM images (empty masks) too, as the upstream did; the "
+                      help="train on COD10K's NonCAM images (empty masks) too, as the original script did; the "
                            "literature's training set is CAM-only, and NonCAM never go to validation "
                            "(default: excluded)")
 
@@ -129,8 +129,8 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--checkpoint-dir", default="./checkpoints",
                      help="where last.pt, best.pt, history.jsonl and args.json go (default: ./checkpoints)")
     run.add_argument("--resume-from", default=None,
-                     help="checkpoint to resume from: ours restores everything, the upstream's best_model.pth "
-                          "restores weights and epoch (default: none)")
+                     help="checkpoint to resume from: last.pt or best.pt restores everything; a weights-only file (the "
+                          "tutorial layout's best_model.pth) restores weights and epoch (default: none)")
     run.add_argument("--overwrite", action="store_true",
                      help="start over in a --checkpoint-dir that holds an earlier run, removing its files first; "
                           "without it such a folder is only used to continue that run (--resume-from) (default: off)")
@@ -161,7 +161,7 @@ def _add_trust_arg(group: argparse._ArgumentGroup) -> None:
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Checkpoint and data")
-    group.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt, last.pt or upstream .pth)")
+    group.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt, last.pt, or a weights-only .pth)")
     _add_trust_arg(group)
     group.add_argument("--dataset-path", default=None,
                        help="data set root (default: the one the checkpoint was trained on)")

@@ -164,7 +164,7 @@ class Trainer:
         return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
 
     def resume(self, path: str) -> None:
-        """Restores a run from ``path``; the upstream's ``best_model.pth`` restores weights and epoch only."""
+        """Restores a run from ``path``; a weights-only file (``best_model.pth``) restores weights and epoch."""
         info = ap.load_checkpoint(path, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                   scheduler=self.scheduler, scaler=self.scaler, restore_rng=True,
                                   trusted=self.args.trust_checkpoint)
@@ -184,8 +184,8 @@ class Trainer:
                 ap.print(f"note: {path} was saved after {self.step} optimizer steps; this configuration has "
                          f"{expected} before epoch {self.start_epoch + 1}: the LR schedule continues from the former")
         else:
-            # Weights only: the optimizer starts fresh and the schedule jumps to where this epoch begins. An
-            # upstream best_iou came from batch-pooled metrics, not these, so best selection starts over.
+            # Weights only: the optimizer starts fresh and the schedule jumps to where this epoch begins. Its
+            # best_iou, if any, came from batch-pooled metrics, not these, so best selection starts over.
             self.step = expected
             fast_forward(self.scheduler, self.step)
             ap.print(f"{path} is a {info['format']} checkpoint: loaded its weights only (no optimizer, scheduler "

@@ -43,6 +43,22 @@ def test_without_gpu_exits_2_and_explains(no_gpu, capsys):
     assert "Result: no GPU found (exit code 2)" in out
 
 
+def test_the_report_shows_the_debugging_knobs_without_setting_them_or_making_their_folder(no_gpu, capsys,
+                                                                                           monkeypatch, tmp_path):
+    import os
+
+    from autoparallel import group
+
+    monkeypatch.setattr(group, "TRACE_PREFIX", str(tmp_path / "trace" / "rank_"))
+    for name in group.debug_environment({}):
+        monkeypatch.delenv(name, raising=False)
+    check.main(["--json"])
+    knobs = json.loads(capsys.readouterr().out)["environment"]["debugging"]
+    assert knobs["TORCH_FR_DUMP_TEMP_FILE"].startswith(str(tmp_path / "trace" / "rank_"))
+    assert "TORCH_FR_DUMP_TEMP_FILE" not in os.environ
+    assert not (tmp_path / "trace").exists()
+
+
 def test_without_gpu_json_lists_every_check(no_gpu, capsys):
     assert check.main(["--json"]) == 2
     report = json.loads(capsys.readouterr().out)

@@ -351,3 +351,18 @@ def test_runtime_under_a_launcher_joins_the_process_group_once(fresh_runtime, mo
     finally:
         _destroy_process_group()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(("nproc", "warned"), [("2", True), ("1", False)])
+def test_nproc_without_launch_warns_unless_it_asks_for_one_process(nproc, warned, fresh_runtime, monkeypatch, caplog):
+    import importlib
+
+    runtime_module = importlib.import_module("autoparallel.runtime")
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AUTOPARALLEL_STRATEGY", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime_module, "_warned_nproc", False)
+    monkeypatch.setenv("AUTOPARALLEL_NPROC", nproc)
+    with caplog.at_level(logging.WARNING, logger="autoparallel"):
+        assert runtime(strategy="cpu").world_size == 1
+    assert ("did not start its processes: call ap.launch()" in caplog.text) is warned
