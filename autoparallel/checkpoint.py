@@ -1,33 +1,24 @@
-"""Portable, safe, atomic checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`, :class:`CheckpointKeeper`.
-
-A file is a dict that ``torch.load(path, weights_only=True)`` reads::
-
-    {"format": "autoparallel", "version": 2, "torch_version": "2.x.y", "digest": "<blake2b of the rest>",
-     "model": {name: tensor},            # state_dict of unwrap(model): no "module." or "_orig_mod."
-     "ema": {"module": {...}, "step": int} | None, "optimizer": ..., "scheduler": ..., "scaler": ...,
-     "loader": {"epoch": int, "batch": int} | None,          # where the data loader was
-     "epoch": int | None, "step": int | None,
-     "rng": [{"python", "numpy", "torch", "cuda"}, ...],     # one entry per rank
-     "extra": {...}}                                         # the **extra keywords, as plain data
-
-Every value is converted to plain data at save time (numpy numbers, paths, ``argparse.Namespace``) or
-refused there, so every file written loads without trusting it. Loading validates every object first
-and loads only when all of them fit, so a mismatch leaves everything untouched.
-"""
+"""Portable, safe, atomic checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint` and :class:`CheckpointKeeper`. A
+file is one dict of plain data that ``torch.load(weights_only=True)`` reads: format, version, torch version, the state
+dicts of the unwrapped model (no ``module.`` or ``_orig_mod.``), EMA, optimizer, scheduler, scaler and loader, epoch,
+step, every rank's random states, the ``**extra`` metadata and a digest of it all; what would need pickled code to load
+is refused at save time."""
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint_file, group, rng, statedict
+from . import checkpoint_file, group, statedict
 from .dropin import canonical, unwrap
 from .ema import EMA
 from .errors import CheckpointMismatchError
@@ -37,77 +28,91 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "autoparallel"
 FORMAT_VERSION = 2  # 2: a digest of the payload, the loader's position
 PathLike = Union[str, "os.PathLike[str]"]
-_FAMILY_KEYS = {"betas", "momentum", "dampening", "nesterov", "alpha", "centered", "lr_decay", "rho", "lambd", "etas",
-                "step_sizes", "momentum_decay", "max_iter", "initial_accumulator_value", "t0"}
-_MOMENTS = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum", "ax",
-            "prev", "exp_inf"}
+_EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 
 
-def _state_of(obj: Any) -> Any:
-    return None if obj is None else obj.state_dict()
+def _capture_rng() -> dict[str, Any]:
+    """This process's random states; CUDA's only where CUDA is already in use (reading it would start it)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda: dict[int, torch.Tensor] = {}
+    if torch.cuda.is_initialized():  # under DDP only this rank's GPU: reading others would create contexts there
+        devices = [torch.cuda.current_device()] if group.is_distributed() else range(torch.cuda.device_count())
+        cuda = {index: torch.cuda.get_rng_state(index) for index in devices}
+    return {"python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def _save(path: PathLike, after_write: Callable[[Path], None] | None, *, model: nn.Module, extra: dict[str, Any],
-          epoch: int | None = None, step: int | None = None, **objects: Any) -> Path:
-    path = Path(path)
-    states: list[Any] | None = [rng.capture()]
-    if group.is_distributed():
-        gathered: list[Any] | None = [None] * group.world_size() if group.rank() == 0 else None
+def _restore_rng(states: Any, path: Path) -> None:
+    """Restore this rank's entry of the per-rank list of :func:`_capture_rng` states."""
+    states = [states] if isinstance(states, Mapping) else states
+    if not states:
+        logger.warning("checkpoint %s has no random states; random streams are not restored", path)
+        return
+    rank, world = group.rank(), group.world_size()
+    if len(states) != world:
+        logger.warning("checkpoint %s holds the random states of %d process(es), this job has %d: every process gets "
+                       "rank 0's, so random streams will not match the original run", path, len(states), world)
+    state = states[rank] if len(states) == world else states[0]
+    random.setstate(state["python"])
+    saved = state["numpy"]
+    np.random.set_state((saved["kind"], saved["keys"].cpu().numpy().astype(np.uint32), saved["pos"],
+                         saved["has_gauss"], saved["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    for index, cuda_state in state.get("cuda", {}).items() if torch.cuda.is_available() else ():
+        if int(index) < torch.cuda.device_count():
+            torch.cuda.set_rng_state(cuda_state.cpu(), int(index))
+
+
+def _save(path: PathLike, after_write: Callable[[Path], None], arguments: dict[str, Any]) -> Path:
+    """:func:`save_checkpoint` of ``arguments``, with ``after_write(path)`` run by rank 0 once the file is complete."""
+    path, extra = Path(path), dict(arguments)
+    model, epoch, step = (extra.pop(name, None) for name in ("model", "epoch", "step"))
+    objects = {name: extra.pop(name, None) for name in ("ema", "optimizer", "scheduler", "scaler", "loader")}
+    states: list[Any] | None = [_capture_rng()]
+    if group.is_distributed():  # rank 0 gathers every rank's
+        mine, states = states[0], ([None] * group.world_size() if group.rank() == 0 else None)
         with group.explained(f"save_checkpoint({path.name}) gathering the random states"):
-            dist.gather_object(states[0], gathered, dst=0)
-        states = gathered
-    failure: str | None = None
+            dist.gather_object(mine, states, dst=0)
     error: BaseException | None = None
     if group.rank() == 0:
         try:
             payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "torch_version": str(torch.__version__),
                        "model": statedict.clean_state_dict(model),
-                       **{name: statedict.plain(_state_of(obj), name) for name, obj in objects.items()},
+                       **{name: statedict.plain(None if obj is None else obj.state_dict(), name)
+                          for name, obj in objects.items()},
                        "epoch": statedict.plain(epoch, "epoch"), "step": statedict.plain(step, "step"),
                        "rng": states, "extra": statedict.plain(extra, "extra")}
             checkpoint_file.write(path, payload)
-            if after_write is not None:
-                after_write(path)
+            after_write(path)
         except BaseException as exc:  # told to the other ranks first, then raised
-            error, failure = exc, f"{type(exc).__name__}: {exc}"
+            error = exc
     if group.is_distributed():
         # Acts as the barrier: no rank goes on before the file is complete, and none hangs if rank 0 failed.
-        status = [failure]
+        failure = [None if error is None else f"{type(error).__name__}: {error}"]
         with group.explained(f"save_checkpoint({path.name}) waiting for rank 0's write"):
-            dist.broadcast_object_list(status, src=0)
-        failure = status[0]
+            dist.broadcast_object_list(failure, src=0)
+        if error is None and failure[0] is not None:
+            raise RuntimeError(f"rank 0 failed to save checkpoint {path}: {failure[0]}")
     if error is not None:
         raise error
-    if failure is not None:
-        raise RuntimeError(f"rank 0 failed to save checkpoint {path}: {failure}")
     return path
 
 
 def save_checkpoint(path: PathLike, *, model: nn.Module, ema: Any = None, optimizer: Any = None, scheduler: Any = None,
                     scaler: Any = None, loader: Any = None, epoch: int | None = None, step: int | None = None,
                     **extra: Any) -> Path:
-    """Call on EVERY rank: saves what a resume needs; rank 0 writes (atomically), the others wait.
-
-    Calling it on rank 0 only deadlocks under DDP (rank 0 waits for the others' random states). Objects
-    that are None (e.g. the EMA on ranks that keep none) are simply not saved by that rank.
-
-    Args:
-        model: wrapped or not; its unwrapped weights are saved with clean keys.
-        ema, optimizer, scheduler, scaler, loader: anything with ``state_dict()`` (``loader``: an
-            ``autoparallel.loader``, for resuming mid-epoch at the next batch).
-        epoch, step: progress counters, returned by :func:`load_checkpoint`.
-        **extra: metadata such as ``best_iou=0.7, args=args``, stored as plain data.
-    """
-    return _save(path, None, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                 loader=loader, epoch=epoch, step=step, extra=extra)
+    """Call on EVERY rank (rank 0 gathers their random states): saves what a resume needs; rank 0 writes it atomically.
+    The model is saved unwrapped; the other objects are anything with ``state_dict()`` (an ``autoparallel.loader``
+    resumes mid-epoch); ``**extra`` is metadata such as ``best_iou=0.7``."""
+    return _save(path, lambda _: None, {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler,
+                                        "scaler": scaler, "loader": loader, "epoch": epoch, "step": step, **extra})
 
 
 class CheckpointKeeper:
-    """Keeps ``last.pt``, ``best.pt`` and optionally ``epoch_XXXX.pt`` of the last ``keep_last`` epochs.
-
-    Each file is replaced atomically and an old one is removed only after its successor is complete, so a
-    run killed at any moment can resume. Temporary files of an earlier run killed mid-save are removed.
-    """
+    """Keeps ``last.pt``, ``best.pt`` and, with ``keep_last``, the last epochs' ``epoch_XXXX.pt`` in a folder, each
+    replaced atomically and removed only after its successor is complete, so a run killed at any moment resumes."""
 
     def __init__(self, directory: PathLike, keep_last: int = 0) -> None:
         if keep_last < 0:
@@ -119,25 +124,27 @@ class CheckpointKeeper:
 
     @property
     def last(self) -> Path | None:
-        path = self.directory / "last.pt"
-        return path if path.is_file() else None
+        """``last.pt``, the file to resume from, or None before the first save."""
+        return path if (path := self.directory / "last.pt").is_file() else None
 
     @property
     def best(self) -> Path | None:
-        path = self.directory / "best.pt"
-        return path if path.is_file() else None
+        """``best.pt``, or None before the first save with ``is_best``."""
+        return path if (path := self.directory / "best.pt").is_file() else None
 
     def epoch_files(self) -> list[Path]:
         """The kept ``epoch_XXXX.pt`` files, oldest first."""
-        files = [(int(m.group(1)), p) for p in self.directory.glob("epoch_*.pt")
-                 if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))]
-        return [path for _, path in sorted(files)]
+        numbered = [(int(m[1]), p) for p in self.directory.glob("epoch_*.pt") if (m := _EPOCH_FILE.fullmatch(p.name))]
+        return [path for _, path in sorted(numbered)]
 
     def save(self, *, is_best: bool = False, **save_checkpoint_kwargs: Any) -> Path:
-        """Call on EVERY rank: writes ``last.pt`` (and ``best.pt`` if ``is_best``, the same on every rank)."""
+        """Call on EVERY rank: :func:`save_checkpoint` to ``last.pt``, then copied to ``best.pt`` if ``is_best`` (the
+        same on every rank) and to ``epoch_XXXX.pt`` with ``keep_last``, the oldest beyond it removed."""
         epoch = save_checkpoint_kwargs.get("epoch")
         if self.keep_last and epoch is None:
             raise ValueError(f"CheckpointKeeper(keep_last={self.keep_last}) names its files by epoch: pass epoch=...")
+        if save_checkpoint_kwargs.get("model") is None:
+            raise TypeError("CheckpointKeeper.save needs model=...")
 
         def copies(last: Path) -> None:
             if is_best:
@@ -147,56 +154,10 @@ class CheckpointKeeper:
                 for old in self.epoch_files()[: -self.keep_last]:
                     old.unlink(missing_ok=True)
 
-        kwargs = dict(save_checkpoint_kwargs)
-        known = {name: kwargs.pop(name, None) for name in
-                 ("model", "ema", "optimizer", "scheduler", "scaler", "loader", "epoch", "step")}
-        if known["model"] is None:
-            raise TypeError("CheckpointKeeper.save needs model=...")
-        return _save(self.directory / "last.pt", copies, extra=kwargs, **known)
-
-
-def _check_optimizer(optimizer: Any, state: Any, path: Path) -> None:
-    groups = state.get("param_groups") if isinstance(state, Mapping) else None
-    if not isinstance(groups, list):
-        raise CheckpointMismatchError(f"checkpoint {path}: the optimizer state has no parameter groups")
-    mine = optimizer.param_groups
-    if len(groups) != len(mine):
-        raise CheckpointMismatchError(f"checkpoint {path}: the optimizer state has {len(groups)} parameter groups, "
-                                      f"the optimizer {len(mine)}: build it with the same groups before loading")
-    saved_family, my_family = set(groups[0]) & _FAMILY_KEYS, set(mine[0]) & _FAMILY_KEYS
-    if saved_family != my_family:
-        raise CheckpointMismatchError(f"checkpoint {path}: the optimizer state is for another optimizer (its groups "
-                                      f"have {', '.join(sorted(saved_family)) or 'none of'} {sorted(my_family)}), not "
-                                      f"{type(optimizer).__name__}: build the optimizer it was saved with")
-    for index, (saved, current) in enumerate(zip(groups, mine)):
-        if len(saved["params"]) != len(current["params"]):
-            raise CheckpointMismatchError(f"checkpoint {path}: optimizer group {index} has {len(saved['params'])} "
-                                          f"parameters in the checkpoint, {len(current['params'])} in the optimizer; "
-                                          "build it over the same (trainable) parameters")
-        for saved_id, param in zip(saved["params"], current["params"]):
-            for name, value in state.get("state", {}).get(saved_id, {}).items():
-                if name in _MOMENTS and isinstance(value, torch.Tensor) and value.shape != param.shape:
-                    raise CheckpointMismatchError(f"checkpoint {path}: optimizer state {name} of group {index} has "
-                                                  f"shape {list(value.shape)}, the parameter {list(param.shape)}")
-
-
-def _check_scheduler(scheduler: Any, state: Any, path: Path) -> None:
-    public = {key for key in scheduler.state_dict() if not key.startswith("_") and key != "verbose"}
-    saved = {key for key in state if not key.startswith("_") and key != "verbose"} if isinstance(state, Mapping) \
-        else set()
-    if public != saved:
-        raise CheckpointMismatchError(f"checkpoint {path}: the scheduler state is for another scheduler (it has "
-                                      f"{statedict.names(sorted(saved - public)) or 'no extra keys'}; "
-                                      f"{type(scheduler).__name__} needs {statedict.names(sorted(public - saved))}): "
-                                      "build the scheduler it was saved with")
-    for key in ("base_lrs", "min_lrs"):
-        if key in state and len(state[key]) != len(scheduler.state_dict()[key]):
-            raise CheckpointMismatchError(f"checkpoint {path}: the scheduler state covers {len(state[key])} parameter "
-                                          f"groups, the optimizer has {len(scheduler.state_dict()[key])}")
+        return _save(self.directory / "last.pt", copies, save_checkpoint_kwargs)
 
 
 def _prepare_ema(ema: Any, checkpoint: Mapping[str, Any], path: Path, strict: bool) -> Callable[[], Any]:
-    """Validate the checkpoint's EMA weights for ``ema`` (an EMA or a plain module); return the loading step."""
     state = checkpoint.get("ema")
     if state is None:
         logger.warning("checkpoint %s has no EMA weights; the EMA starts from the loaded model weights", path)
@@ -217,22 +178,11 @@ def _prepare_ema(ema: Any, checkpoint: Mapping[str, Any], path: Path, strict: bo
 def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any = None, optimizer: Any = None,
                     scheduler: Any = None, scaler: Any = None, loader: Any = None, strict: bool = True,
                     trusted: bool = False, restore_rng: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint of ours or of a common tool; every object is validated before any is loaded.
-
-    Args:
-        model: loaded into ``unwrap(model)``, whatever wrapper the checkpoint was saved from.
-        ema: an :class:`autoparallel.EMA` (or a plain module) for the checkpoint's EMA weights.
-        optimizer, scheduler, scaler, loader: restored when given and present in the checkpoint.
-        strict: refuse architecture mismatches; ``False`` loads what matches (something must).
-        trusted: allow pickled Python objects: unpickling can run arbitrary code, so only for files you trust.
-        restore_rng: restore the Python, numpy, torch and CUDA random states (exact resume).
-        map_location: where tensors are read to; ``"cpu"`` (the default) is right in nearly every case,
-            since ``load_state_dict`` copies onto the parameters' devices anyway.
-
-    Returns:
-        ``{"epoch", "step", "extra", "loader", "format"}`` (``loader``: the saved loader position, for a loader
-        not passed here); the format is "autoparallel", "tutorial", "state_dict", "model", "lightning" or "raw".
-    """
+    """Load a checkpoint of ours or of a common tool into the objects given, after validating all of them. ``ema`` is an
+    :class:`EMA` or a plain module; ``strict=False`` loads what matches (something must); ``trusted=True`` allows
+    pickled objects, which can run arbitrary code. Tensors are read to the CPU, since ``load_state_dict`` copies them to
+    the parameters' devices. Returns the saved epoch, step, extra, loader position and format ("autoparallel",
+    "tutorial", "state_dict", "model", "lightning" or "raw")."""
     path = Path(path)
     checkpoint = statedict.interpret(checkpoint_file.read(path, trusted=trusted, map_location=map_location), path,
                                      FORMAT_NAME)
@@ -246,6 +196,7 @@ def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any 
         actions.append(lambda: target.load_state_dict(matched, strict=False))
     if ema is not None:
         actions.append(_prepare_ema(ema, checkpoint, path, strict))
+    checks = {"optimizer": statedict.check_optimizer, "scheduler": statedict.check_scheduler}
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler), ("loader", loader)):
         state = checkpoint.get(name)
         if obj is None or (name == "scaler" and not obj.is_enabled()):
@@ -253,13 +204,11 @@ def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any 
         if not state:
             logger.warning("checkpoint %s has no %s state; the %s starts fresh", path, name, name)
             continue
-        if name == "optimizer":
-            _check_optimizer(obj, state, path)
-        if name == "scheduler":
-            _check_scheduler(obj, state, path)
+        if name in checks:
+            checks[name](obj, state, path)
         actions.append(lambda obj=obj, state=state: obj.load_state_dict(state))
     if restore_rng:
-        actions.append(lambda: rng.restore(checkpoint.get("rng"), path))
+        actions.append(lambda: _restore_rng(checkpoint.get("rng"), path))
     for action in actions:
         action()
     logger.info("loaded checkpoint %s (%s layout, epoch %s)", path, checkpoint["kind"], checkpoint.get("epoch"))

@@ -1,18 +1,11 @@
-"""Exponential moving average of a model's weights, kept on the unwrapped module.
-
-The EMA copies ``unwrap(model)``, so DataParallel, DDP and ``torch.compile`` add nothing to its keys and
-the average is the same whatever the model is wrapped in. :meth:`EMA.update` is local to the process: it
-may run on every rank or on the main process only (timm's idiom). Under our DDP wrapper every rank's
-weights and buffers are identical after each step, so every rank's EMA is too. The average of a
-half-precision model is kept in fp32: a bf16 or fp16 lerp by ``1 - decay`` rounds to no change at all.
-"""
+"""Exponential moving average of ``unwrap(model)``'s weights, so no wrapper changes its keys or its values.
+:meth:`EMA.update` communicates with nobody: it may run on every rank or on the main process only (timm's idiom)."""
 from __future__ import annotations
 
 import copy
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,39 +20,12 @@ _WARMUP_POWER = 2.0 / 3.0
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@dataclass
-class _Lists:
-    """The tensors one update touches, listed once; ``device`` is where the model was when listed."""
-
-    generation: int
-    averages: list[torch.Tensor]
-    sources: list[torch.Tensor]
-    counters: list[tuple[torch.Tensor, torch.Tensor]]
-    cast: bool
-    device: torch.device | None = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.device = self.where()
-
-    def where(self) -> torch.device | None:
-        return self.sources[0].device if self.sources else None
-
-
 class EMA:
-    """Exponential moving average of the parameters and buffers of ``unwrap(model)``.
-
-    After each optimizer step, :meth:`update` moves every floating-point tensor of :attr:`module` towards
-    the model's (``ema += (1 - decay) * (model - ema)``); integer buffers (BatchNorm's
-    ``num_batches_tracked``) are copied. Evaluate with :attr:`module` (eval mode, ``requires_grad=False``).
-
-    Args:
-        model: the model, wrapped or not.
-        decay: the long-run decay; 0.999 averages over roughly the last 1000 steps.
-        warmup: start with a small decay that grows with the number of updates (timm's ModelEmaV3 power
-            form), so short runs are not dominated by the random initial weights.
-        device: where the EMA lives; ``None`` follows the model, even when it moves. ``"cpu"`` saves GPU
-            memory at the cost of a copy of every tensor to the host on every update.
-    """
+    """Exponential moving average of the parameters and buffers of ``unwrap(model)``; evaluate with :attr:`module`, an
+    eval-mode copy. :meth:`update` moves its floating-point tensors by ``(1 - decay) * (model - ema)`` and copies
+    integer buffers. ``decay=0.999`` averages over about 1000 steps; ``warmup`` grows the decay with the updates (timm's
+    ModelEmaV3 power form), so the initial weights fade fast. ``device=None`` follows the model; ``"cpu"`` saves GPU
+    memory at the cost of a host copy per update."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True,
                  device: torch.device | str | None = None) -> None:
@@ -69,26 +35,25 @@ class EMA:
         self.device = None if device is None else torch.device(device)
         self._source = unwrap(model)
         self.module: nn.Module = copy.deepcopy(self._source)
-        self.module._apply(lambda t: t.float() if t.dtype in _HALF else t)
-        self.module.eval().requires_grad_(False)
-        for param in self.module.parameters():
-            param.grad = None
+        self.module._apply(lambda t: t.float() if t.dtype in _HALF else t)  # a half-precision lerp rounds to nothing
+        self.module.eval().requires_grad_(False).zero_grad(set_to_none=True)
         if self.device is not None:
             self.module.to(self.device)
         self.num_updates = 0
-        self._lists: _Lists | None = None
+        self._listed_for: tuple[int, torch.device | None] | None = None
+        self._averages, self._sources, self._counters, self._cast = [], [], [], False
 
     def current_decay(self) -> float:
         """The decay of the next update: ``min(decay, 1 - (1 + t) ** -2/3)`` after ``t`` updates with warm-up."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, 1.0 - (1.0 + self.num_updates) ** -_WARMUP_POWER)
+        return min(self.decay, 1.0 - (1.0 + self.num_updates) ** -_WARMUP_POWER) if self.warmup else self.decay
 
-    def _tensor_lists(self) -> _Lists:
-        """Matching lists of the EMA's and the model's tensors, rebuilt only when the model changed or moved."""
-        lists = self._lists
-        if lists is not None and lists.generation == structure_generation() and lists.where() == lists.device:
-            return lists
+    def _listing(self) -> tuple[int, torch.device | None]:
+        return structure_generation(), self._sources[0].device if self._sources else None
+
+    def _list_tensors(self) -> None:
+        """List the averages, the tensors they follow and the integer buffers; again when the model changes or moves."""
+        if self._listed_for == self._listing():
+            return
         source = [*self._source.parameters(), *self._source.buffers()]
         if self.device is None and source and next(self.module.parameters(), source[0]).device != source[0].device:
             self.module.to(source[0].device)  # the model moved after the EMA was made: follow it
@@ -96,23 +61,22 @@ class EMA:
         if len(average) != len(source):
             raise RuntimeError(f"the model now has {len(source)} parameters and buffers, its EMA {len(average)}: "
                                "create the EMA after the model's structure is final")
-        pairs = list(zip(average, source))
-        floats = [pair for pair in pairs if pair[0].is_floating_point()]
-        self._lists = _Lists(structure_generation(), [a for a, _ in floats], [s for _, s in floats],
-                             [pair for pair in pairs if not pair[0].is_floating_point()],
-                             any(a.dtype != s.dtype or a.device != s.device for a, s in floats))
-        return self._lists
+        floats = [(a, s) for a, s in zip(average, source) if a.is_floating_point()]
+        self._averages, self._sources = [a for a, _ in floats], [s for _, s in floats]
+        self._counters = [(a, s) for a, s in zip(average, source) if not a.is_floating_point()]
+        self._cast = any(a.dtype != s.dtype or a.device != s.device for a, s in floats)
+        self._listed_for = self._listing()
 
     @torch.no_grad()
     def update(self) -> None:
         """Move the average one step towards the model; call once per optimizer step (no communication)."""
-        lists = self._tensor_lists()
-        sources = lists.sources
-        if lists.cast:  # a half-precision model, or an EMA kept on another device
-            sources = [s.to(device=a.device, dtype=a.dtype) for a, s in zip(lists.averages, sources)]
-        if lists.averages:
-            torch._foreach_lerp_(lists.averages, sources, 1.0 - self.current_decay())
-        for mine, theirs in lists.counters:
+        self._list_tensors()
+        sources = self._sources
+        if self._cast:
+            sources = [s.to(device=a.device, dtype=a.dtype) for a, s in zip(self._averages, sources)]
+        if self._averages:
+            torch._foreach_lerp_(self._averages, sources, 1.0 - self.current_decay())
+        for mine, theirs in self._counters:
             mine.copy_(theirs)
         self.num_updates += 1
 
@@ -121,11 +85,7 @@ class EMA:
         return {"module": self.module.state_dict(), "step": self.num_updates}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Load :meth:`state_dict` output, torchvision's AveragedModel state, or a bare (prefixed) state dict.
-
-        A bare state dict has no update count: the warm-up counts as finished. Validated before anything
-        is loaded (:class:`autoparallel.CheckpointMismatchError` names the keys).
-        """
+        """Load :meth:`state_dict` output, an AveragedModel state or a bare state dict (warm-up then counted done)."""
         weights, step = statedict.ema_weights(state)
         matched = statedict.prepare(self.module, weights, what="EMA", path="EMA state", strict=strict, logger=logger)
         self.module.load_state_dict(matched, strict=False)
