@@ -25,8 +25,7 @@ from .errors import CheckpointMismatchError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "autoparallel"
-FORMAT_VERSION = 2  # 2: a digest of the payload, the loader's position
+FORMAT_NAME, FORMAT_VERSION = checkpoint_file.FORMAT_NAME, checkpoint_file.FORMAT_VERSION
 PathLike = Union[str, "os.PathLike[str]"]
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 

@@ -18,6 +18,8 @@ import torch
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UntrustedCheckpointError, UsageError
 
+FORMAT_NAME = "autoparallel"
+FORMAT_VERSION = 2  # 2: a digest of the payload, the loader's position
 _SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp")
 _EARLIER_COPY = "Use an earlier copy, e.g. best.pt, last.pt or an epoch_XXXX.pt file"
@@ -150,7 +152,9 @@ def read(path: Path, *, trusted: bool, map_location: Any) -> Any:
     except Exception as exc:  # truncated zip, damaged records, a foreign file: all the same to the caller
         raise CorruptCheckpointError(f"checkpoint {path} is damaged, truncated or not a PyTorch checkpoint "
                                      f"({type(exc).__name__}: {str(exc)[:200]}). {_EARLIER_COPY}") from exc
-    if isinstance(loaded, Mapping) and "digest" in loaded and _digest(loaded)[1] != loaded["digest"]:
+    ours = isinstance(loaded, Mapping) and ("digest" in loaded or (loaded.get("format") == FORMAT_NAME and
+                                                                   loaded.get("version") == FORMAT_VERSION))
+    if ours and ("digest" not in loaded or _digest(loaded)[1] != loaded["digest"]):  # one damaged mark: still ours
         raise CorruptCheckpointError(f"checkpoint {path} is damaged: its contents do not match the digest saved with "
                                      f"them (a changed or partly copied file). {_EARLIER_COPY}")
     return loaded

@@ -354,6 +354,52 @@ def test_corrupt_file_gets_its_own_error(damage, tmp_path):
     _assert_same(model.state_dict(), before)
 
 
+def test_a_flipped_byte_is_refused_or_changes_nothing_never_a_silently_different_model(tmp_path):
+    saved = _net()
+    path = save_checkpoint(tmp_path / "c.pt", model=saved, optimizer=torch.optim.SGD(saved.parameters(), lr=0.1))
+    original, refused = path.read_bytes(), 0
+    for position in range(0, len(original), max(1, len(original) // 200)):  # 200 places, headers to data
+        damaged = bytearray(original)
+        damaged[position] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        model = _net(1)
+        before = _clone(model.state_dict())
+        try:
+            load_checkpoint(path, model=model)
+        except CorruptCheckpointError as error:
+            assert f"checkpoint {path} " in str(error)
+            _assert_same(model.state_dict(), before)  # refused: nothing loaded
+            refused += 1
+        else:  # a byte nothing reads (a zip header's timestamp, alignment padding): the saved values exactly
+            _assert_same(model.state_dict(), saved.state_dict())
+    assert refused > 100  # most bytes are tensor data and pickled structure
+
+
+@pytest.mark.parametrize("mark", [b"X\x06\x00\x00\x00digest", b"X\x06\x00\x00\x00format"])  # pickled key names
+def test_a_damaged_digest_or_format_name_does_not_turn_the_digest_check_off(mark, tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", model=_net())
+    data = path.read_bytes()
+    assert data.count(mark) == 1  # the key, in the zip's uncompressed data.pkl
+    path.write_bytes(data.replace(mark, mark[:-1] + b"_"))
+    with pytest.raises(CorruptCheckpointError, match="do not match the digest"):
+        load_checkpoint(path, model=_net(1))
+
+
+def test_a_well_formed_file_whose_values_changed_is_refused_by_its_digest(tmp_path):
+    # What a container check cannot see: a valid file whose tensors are not the ones saved (a bad copy, a
+    # tool that rewrote it); the digest saved with the values is what catches it.
+    path = save_checkpoint(tmp_path / "c.pt", model=_net())
+    payload = torch.load(path, weights_only=True)
+    name = next(iter(payload["model"]))
+    payload["model"][name] = payload["model"][name] + 1
+    torch.save(payload, path)
+    model = _net(1)
+    before = _clone(model.state_dict())
+    with pytest.raises(CorruptCheckpointError, match="do not match the digest"):
+        load_checkpoint(path, model=model)
+    _assert_same(model.state_dict(), before)
+
+
 def test_architecture_mismatch_lists_keys_and_loads_nothing(tmp_path):
     torch.manual_seed(0)
     saved = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 7))
@@ -490,6 +536,14 @@ def test_save_removes_temporaries_left_by_a_killed_save(tmp_path):
     stale.write_bytes(b"partial")
     save_checkpoint(tmp_path / "c.pt", model=_net())
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_new_keeper_removes_temporaries_left_by_a_killed_save_before_anything_is_saved(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"kept")  # not a temporary: left alone
+    stale = tmp_path / ".last.pt.123-deadbeef.tmp"
+    stale.write_bytes(b"partial" * 1000)
+    CheckpointKeeper(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def _save_versions(path: Path, first_version: int, pipe: int, pause_after_bytes: int | None) -> None:
