@@ -41,7 +41,7 @@ class EMA:
             self.module.to(self.device)
         self.num_updates = 0
         self._listed_for: tuple[int, torch.device | None] | None = None
-        self._averages, self._sources, self._counters, self._cast = [], [], [], False
+        self._averages, self._sources, self._counters, self._counted, self._cast = [], [], [], [], None
 
     def current_decay(self) -> float:
         """The decay of the next update: ``min(decay, 1 - (1 + t) ** -2/3)`` after ``t`` updates with warm-up."""
@@ -63,8 +63,11 @@ class EMA:
                                "create the EMA after the model's structure is final")
         floats = [(a, s) for a, s in zip(average, source) if a.is_floating_point()]
         self._averages, self._sources = [a for a, _ in floats], [s for _, s in floats]
-        self._counters = [(a, s) for a, s in zip(average, source) if not a.is_floating_point()]
-        self._cast = any(a.dtype != s.dtype or a.device != s.device for a, s in floats)
+        counters = [(a, s) for a, s in zip(average, source) if not a.is_floating_point()]
+        self._counters, self._counted = [a for a, _ in counters], [s for _, s in counters]
+        cast = any(a.dtype != s.dtype or a.device != s.device for a, s in floats)
+        to_float = all(a.dtype == torch.float32 and a.device == s.device for a, s in floats)
+        self._cast = ("float" if to_float else "to") if cast else None  # .float(): the cheapest cast, no-op on fp32
         self._listed_for = self._listing()
 
     @torch.no_grad()
@@ -72,12 +75,14 @@ class EMA:
         """Move the average one step towards the model; call once per optimizer step (no communication)."""
         self._list_tensors()
         sources = self._sources
-        if self._cast:
+        if self._cast == "float":
+            sources = [s.float() for s in sources]
+        elif self._cast:
             sources = [s.to(device=a.device, dtype=a.dtype) for a, s in zip(self._averages, sources)]
         if self._averages:
             torch._foreach_lerp_(self._averages, sources, 1.0 - self.current_decay())
-        for mine, theirs in self._counters:
-            mine.copy_(theirs)
+        if self._counters:
+            torch._foreach_copy_(self._counters, self._counted)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
     python bench/overhead.py                     # CPU (or the first GPU when there is one), defaults below
     python bench/overhead.py --device cuda       # one GPU
     python bench/overhead.py --wait-load 1.5     # on a shared machine: wait for it to be quiet first
+    python bench/overhead.py --ema-only --rounds 30   # the EMA update alone (issue 16.1), in seconds
 
 Four variants train the same mid-size conv net (bench/_common.py::ConvNet) on the same pre-built
 batches, each with its own copy of the same initial weights and its own AdamW:
@@ -18,6 +19,13 @@ that measure the library are therefore autoparallel/bare and ap+ema/bare+ema; ap
 total price of turning EMA on. Steps are timed interleaved (bench/_common.py::time_interleaved):
 each round runs a block of steps of every variant in rotated order, and each ratio is the median of
 per-round ratios with its interquartile range. Target: every library ratio within 1.01.
+
+Then the EMA update alone, without the step around it: ap.EMA.update against HandEMA (a hand-written
+torch._foreach_lerp_ EMA over the same tensors: parameters and floating buffers lerped, integer buffers
+copied), interleaved in blocks of --ema-updates updates, on the ConvNet of every --ema-widths (32: the
+default run's model; 8: the tiny run's; 29 tensors each) in every --ema-dtypes. For a bf16/fp16 model both
+keep the average in fp32 and cast every tensor per update; a third variant, HandEMA with a preallocated
+fp32 scratch, shows that cast without allocation. Target (issue 16.1): ap.EMA / hand EMA <= 1.2.
 """
 from __future__ import annotations
 
@@ -56,23 +64,43 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class HandEMA:
-    """The EMA a careful user would write by hand: the same decay warm-up as ap.EMA, one fused foreach op,
-    tensor lists gathered once.
+    """The EMA a careful user would write by hand over the tensors ap.EMA averages: the same decay warm-up,
+    one fused foreach op, tensor lists gathered once.
+
+    Parameters and floating-point buffers are lerped (``torch._foreach_lerp_``), integer buffers copied
+    (``torch._foreach_copy_``). For a half-precision model the average is kept in fp32, as ap.EMA keeps it:
+    ``scratch=False`` casts every tensor per update (``[s.float() for s in ...]``, what ap.EMA does);
+    ``scratch=True`` copies the model into preallocated fp32 tensors with one ``torch._foreach_copy_``
+    (no allocation per update), the fastest hand-written form measured here.
 
     Warm-up as ap.EMA (timm ModelEmaV3's power form): decay_t = min(decay, 1 - (1 + t) ** -2/3).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, scratch: bool = False) -> None:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.module._apply(lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
         self.decay = decay
         self.updates = 0
-        self._source = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-        self._target = [t for t in (*self.module.parameters(), *self.module.buffers()) if t.is_floating_point()]
+        pairs = list(zip((*self.module.parameters(), *self.module.buffers()), (*model.parameters(), *model.buffers())))
+        self._target = [a for a, s in pairs if a.is_floating_point()]
+        self._source = [s for a, s in pairs if a.is_floating_point()]
+        self._int_target = [a for a, s in pairs if not a.is_floating_point()]
+        self._int_source = [s for a, s in pairs if not a.is_floating_point()]
+        self._cast = any(a.dtype != s.dtype for a, s in zip(self._target, self._source))
+        self._scratch = [torch.empty_like(a) for a in self._target] if scratch and self._cast else None
 
     @torch.no_grad()
     def update(self) -> None:
         decay = min(self.decay, 1.0 - (1.0 + self.updates) ** (-2.0 / 3.0))
-        torch._foreach_lerp_(self._target, self._source, 1.0 - decay)
+        sources = self._source
+        if self._scratch is not None:
+            torch._foreach_copy_(self._scratch, sources)
+            sources = self._scratch
+        elif self._cast:
+            sources = [s.float() for s in sources]
+        torch._foreach_lerp_(self._target, sources, 1.0 - decay)
+        if self._int_target:
+            torch._foreach_copy_(self._int_target, self._int_source)
         self.updates += 1
 
 
@@ -89,8 +117,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=15, help="rounds of interleaved blocks (default: 15)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (default: 5)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="default: 0.999")
-    parser.add_argument("--ema-camoxpert", action="store_true",
-                        help="also time EMA.update alone on CamoXpert edgenext_base (hundreds of tensors)")
+    ema = parser.add_argument_group("EMA update alone (ap.EMA against a hand-written foreach EMA, interleaved)")
+    ema.add_argument("--ema-widths", default="32,8", metavar="W,...",
+                     help="ConvNet widths whose EMA update is timed alone: 32 is the default run's model, 8 the "
+                          "tiny run's, both 29 tensors (default: 32,8)")
+    ema.add_argument("--ema-dtypes", default="fp32,bf16,fp16", metavar="DTYPE,...",
+                     help="model dtypes for the EMA-alone timing; bf16/fp16 convert the model itself (the EMA "
+                          "keeps fp32 and casts every tensor per update) (default: fp32,bf16,fp16)")
+    ema.add_argument("--ema-updates", type=int, default=50, help="EMA updates per timed block (default: 50)")
+    ema.add_argument("--ema-rounds", type=int, default=None, help="rounds of the EMA-alone timing (default: --rounds)")
+    ema.add_argument("--ema-only", action="store_true",
+                     help="time the EMA update alone, skipping the four training-step variants")
+    ema.add_argument("--ema-camoxpert", action="store_true",
+                     help="also time EMA.update alone on CamoXpert edgenext_base (hundreds of tensors)")
     add_common_args(parser)
     return parser
 
@@ -150,53 +189,94 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
-def time_ema_updates(model: nn.Module, device: torch.device, rounds: int, updates: int = 20) -> dict:
-    """Microseconds per EMA update alone, ap.EMA vs HandEMA, interleaved: the per-tensor Python cost that a
-    29-tensor ConvNet hides but a model with hundreds of tensors (CamoXpert) pays every step."""
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def time_ema_updates(model: nn.Module, device: torch.device, rounds: int, updates: int = 50) -> dict:
+    """Microseconds per EMA update alone, ap.EMA vs HandEMA over the same tensors, interleaved: the per-tensor
+    Python cost that a training step hides but a model with hundreds of tensors (CamoXpert) pays every step.
+
+    For a half-precision model a third variant, HandEMA with a preallocated fp32 scratch, shows what the
+    cast costs when it allocates nothing."""
     model = model.to(device)
     tensors = sum(1 for _ in (*model.parameters(), *model.buffers()))
+    half = any(t.dtype in (torch.float16, torch.bfloat16) for t in model.parameters())
     ap_ema, hand_ema = ap.EMA(model, decay=0.999), HandEMA(model, 0.999)
-    samples = time_interleaved({"ap.EMA": lambda i: ap_ema.update(), "hand EMA": lambda i: hand_ema.update()},
-                               steps_per_block=updates, rounds=rounds, warmup_steps=2, device=device, log=False)
-    return {"tensors": tensors, "us_per_update": {name: quantiles(v)["median"] * 1e6 for name, v in samples.items()},
-            "ratio": paired_ratios(samples, "ap.EMA", "hand EMA")}
+    variants = {"ap.EMA": lambda i: ap_ema.update(), "hand EMA": lambda i: hand_ema.update()}
+    if half:
+        scratch_ema = HandEMA(model, 0.999, scratch=True)
+        variants["hand EMA (scratch)"] = lambda i: scratch_ema.update()
+    samples = time_interleaved(variants, steps_per_block=updates, rounds=rounds, warmup_steps=5, device=device,
+                               log=False)
+    averages = [ap_ema.module.state_dict()[key] for key in ap_ema.module.state_dict()]
+    reference = [hand_ema.module.state_dict()[key] for key in hand_ema.module.state_dict()]
+    same = all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(averages, reference))
+    return {"tensors": tensors, "parameter_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "us_per_update": {name: quantiles(v)["median"] * 1e6 for name, v in samples.items()},
+            "ratio": paired_ratios(samples, "ap.EMA", "hand EMA"),
+            "ratio_vs_scratch": paired_ratios(samples, "ap.EMA", "hand EMA (scratch)") if half else None,
+            "same_average": same, "samples_s": samples}
+
+
+def ema_models(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """The models whose EMA update is timed alone: each ConvNet width in each dtype (+ CamoXpert if asked)."""
+    models: dict[str, nn.Module] = {}
+    for width in (int(w) for w in args.ema_widths.split(",") if w.strip()):
+        for dtype in (d.strip() for d in args.ema_dtypes.split(",") if d.strip()):
+            if dtype not in MODEL_DTYPES:
+                raise SystemExit(f"--ema-dtypes {args.ema_dtypes}: unknown {dtype!r}; choose from fp32, bf16, fp16")
+            torch.manual_seed(0)
+            models[f"ConvNet width {width}, {dtype}"] = ConvNet(width=width, num_blocks=args.blocks).to(
+                MODEL_DTYPES[dtype])
+    if args.ema_camoxpert:
+        from camoxpert.model import CamoXpert
+
+        models["CamoXpert edgenext_base, fp32"] = CamoXpert("edgenext_base", num_experts=7, deep_supervision=True)
+    return models
 
 
 def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     info = machine_info()
     print(f"[bench] {describe_machine(info)}")
-    variants = build_variants(args, device)
     load_before = wait_for_quiet(args.wait_load)
-    samples = time_interleaved(variants, steps_per_block=args.steps_per_block, rounds=args.rounds,
-                               warmup_steps=args.warmup, device=device)
+    samples: dict[str, list[float]] = {}
+    if not args.ema_only:
+        variants = build_variants(args, device)
+        samples = time_interleaved(variants, steps_per_block=args.steps_per_block, rounds=args.rounds,
+                                   warmup_steps=args.warmup, device=device)
+    ema_rounds = args.ema_rounds or args.rounds
+    ema_updates = {}
+    for name, model in ema_models(args).items():
+        ema_updates[name] = time_ema_updates(model, device, ema_rounds, args.ema_updates)
+        print(f"[ema] {name}: ratio {format_ratio(ema_updates[name]['ratio'])}", flush=True)
     load_after = loadavg()[0]
-    ema_models = {"ConvNet": ConvNet(width=args.width, num_blocks=args.blocks)}
-    if args.ema_camoxpert:
-        from camoxpert.model import CamoXpert
-
-        ema_models["CamoXpert edgenext_base"] = CamoXpert("edgenext_base", num_experts=7, deep_supervision=True)
-    ema_updates = {name: time_ema_updates(model, device, args.rounds) for name, model in ema_models.items()}
 
     per_step = {name: quantiles(values) for name, values in samples.items()}
-    comparisons = {
+    comparisons = {} if args.ema_only else {
         "autoparallel / bare": paired_ratios(samples, "autoparallel", "bare"),
         "ap+ema / bare+ema": paired_ratios(samples, "ap+ema", "bare+ema"),
         "ap+ema / bare": paired_ratios(samples, "ap+ema", "bare"),
         "bare+ema / bare": paired_ratios(samples, "bare+ema", "bare"),
     }
+    if not args.ema_only:
+        print()
+        print(markdown_table(["variant", "median ms/step", "IQR ms"],
+                             [[name, f"{q['median'] * 1e3:.2f}", f"{q['p25'] * 1e3:.2f}-{q['p75'] * 1e3:.2f}"]
+                              for name, q in per_step.items()]))
+        print()
+        print(markdown_table(["ratio (paired per round)", "median (IQR)", "target"],
+                             [[name, format_ratio(q), "<= 1.01" if name.startswith(("autoparallel", "ap+ema / bare+"))
+                               else "(cost of EMA)"] for name, q in comparisons.items()]))
     print()
-    print(markdown_table(["variant", "median ms/step", "IQR ms"],
-                         [[name, f"{q['median'] * 1e3:.2f}", f"{q['p25'] * 1e3:.2f}-{q['p75'] * 1e3:.2f}"]
-                          for name, q in per_step.items()]))
-    print()
-    print(markdown_table(["ratio (paired per round)", "median (IQR)", "target"],
-                         [[name, format_ratio(q), "<= 1.01" if name.startswith(("autoparallel", "ap+ema / bare+"))
-                           else "(cost of EMA)"] for name, q in comparisons.items()]))
-    print()
-    print(markdown_table(["EMA update alone", "tensors", "ap.EMA us", "hand EMA us", "ratio (IQR)"],
+    print(f"EMA update alone: {args.ema_updates} updates per block, {ema_rounds} interleaved rounds, target <= 1.2")
+    print(markdown_table(["model", "tensors", "ap.EMA us", "hand EMA us", "ap.EMA / hand (IQR)",
+                          "hand, fp32 scratch us", "ap.EMA / scratch (IQR)", "same average"],
                          [[name, r["tensors"], f"{r['us_per_update']['ap.EMA']:.0f}",
-                           f"{r['us_per_update']['hand EMA']:.0f}", format_ratio(r["ratio"])]
+                           f"{r['us_per_update']['hand EMA']:.0f}", format_ratio(r["ratio"]),
+                           f"{r['us_per_update']['hand EMA (scratch)']:.0f}" if r["ratio_vs_scratch"] else "-",
+                           format_ratio(r["ratio_vs_scratch"]) if r["ratio_vs_scratch"] else "-",
+                           "yes" if r["same_average"] else "NO"]
                           for name, r in ema_updates.items()]))
     print(f"\n[bench] device {device}, precision {args.precision}, load {load_before:.2f} -> {load_after:.2f}")
     if not args.no_json:
