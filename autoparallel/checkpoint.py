@@ -68,6 +68,9 @@ def _save(path: PathLike, after_write: Callable[[Path], None], arguments: dict[s
     """:func:`save_checkpoint` of ``arguments``, with ``after_write(path)`` run by rank 0 once the file is complete."""
     path, extra = Path(path), dict(arguments)
     model, epoch, step = (extra.pop(name, None) for name in ("model", "epoch", "step"))
+    if not isinstance(model, nn.Module):  # on every rank, before any rank waits for another
+        raise TypeError(f"saving {path} needs model=<your nn.Module> (wrapped or not), got {type(model).__name__}: "
+                        "pass the model itself, not its state_dict()")
     objects = {name: extra.pop(name, None) for name in ("ema", "optimizer", "scheduler", "scaler", "loader")}
     states: list[Any] | None = [_capture_rng()]
     if group.is_distributed():  # rank 0 gathers every rank's
@@ -142,8 +145,6 @@ class CheckpointKeeper:
         epoch = save_checkpoint_kwargs.get("epoch")
         if self.keep_last and epoch is None:
             raise ValueError(f"CheckpointKeeper(keep_last={self.keep_last}) names its files by epoch: pass epoch=...")
-        if save_checkpoint_kwargs.get("model") is None:
-            raise TypeError("CheckpointKeeper.save needs model=...")
 
         def copies(last: Path) -> None:
             if is_best:
@@ -168,10 +169,13 @@ def _prepare_ema(ema: Any, checkpoint: Mapping[str, Any], path: Path, strict: bo
         weights = {**weights, **{name: model_state[canonical(name)] for name, _ in target.named_buffers()
                                  if canonical(name) not in have and canonical(name) in model_state}}
     matched = statedict.prepare(target, weights, what="EMA", path=path, strict=strict, logger=logger)
-    if not isinstance(ema, EMA):
-        return lambda: target.load_state_dict(matched, strict=False)
-    step = 0 if state is None else ema.steps_to_full_decay() if step is None else step
-    return lambda: ema.load_state_dict({"module": matched, "step": step}, strict=False)
+
+    def load() -> None:  # checked above, so what strict=False left out is not reported twice
+        target.load_state_dict(matched, strict=False)
+        if isinstance(ema, EMA):
+            ema.num_updates = 0 if state is None else ema.steps_to_full_decay() if step is None else step
+
+    return load
 
 
 def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any = None, optimizer: Any = None,

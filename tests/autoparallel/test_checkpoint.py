@@ -159,6 +159,16 @@ def test_save_refuses_extra_that_would_need_pickle(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("saving", ["save_checkpoint", "keeper"])
+@pytest.mark.parametrize("given", [None, "state_dict"])
+def test_saving_without_the_model_itself_says_what_to_pass_and_writes_nothing(saving, given, tmp_path):
+    model = None if given is None else _net().state_dict()
+    keeper = CheckpointKeeper(tmp_path)
+    save = keeper.save if saving == "keeper" else lambda **kw: save_checkpoint(tmp_path / "c.pt", **kw)
+    with pytest.raises(TypeError, match=r"needs model=<your nn.Module>.*got (NoneType|OrderedDict).*not its state_dict"):
+        save(model=model, epoch=0)
+    assert list(tmp_path.iterdir()) == []
+
 def test_load_without_objects_returns_metadata(tmp_path):
     save_checkpoint(tmp_path / "c.pt", model=_net(), epoch=2, step=7, best_iou=0.5)
     info = load_checkpoint(tmp_path / "c.pt")
@@ -367,7 +377,7 @@ def test_a_flipped_byte_is_refused_or_changes_nothing_never_a_silently_different
         try:
             load_checkpoint(path, model=model)
         except CorruptCheckpointError as error:
-            assert f"checkpoint {path} " in str(error)
+            assert f"checkpoint {path} " in str(error)  # noqa: PT017 (a refusal is one of two right outcomes)
             _assert_same(model.state_dict(), before)  # refused: nothing loaded
             refused += 1
         else:  # a byte nothing reads (a zip header's timestamp, alignment padding): the saved values exactly
@@ -433,6 +443,19 @@ def test_strict_false_loads_what_matches_and_logs_the_rest(tmp_path, caplog):
     _assert_same(model[0].state_dict(), saved[0].state_dict())
     _assert_same(model[1].state_dict(), kept)
     assert "loading 2 matching tensors; skipped 2 with another shape (1.weight" in caplog.text
+
+
+def test_strict_false_reports_what_the_ema_left_out_once(tmp_path, caplog):
+    saved = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 7))
+    path = save_checkpoint(tmp_path / "c.pt", model=saved, ema=EMA(saved), step=3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 5))
+    ema = EMA(model)
+    with caplog.at_level(logging.WARNING, logger="autoparallel"):
+        load_checkpoint(path, model=model, ema=ema, strict=False)
+    _assert_same(ema.module[0].state_dict(), saved[0].state_dict())
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages  # one for the model, one for the EMA
+    assert ["EMA" in m and "skipped 2 with another shape" in m for m in messages] == [False, True], messages
 
 
 def test_ema_mismatch_leaves_the_model_untouched(tmp_path):
