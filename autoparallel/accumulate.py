@@ -36,6 +36,13 @@ def _find_ddp(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients as ``clip_grad_norm_`` computes it, without its pass that rescales them."""
+    norms = torch._foreach_norm(grads)
+    first = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n if n.device == first else n.to(first) for n in norms]))
+
+
 class GradientAccumulator:
     """Steps ``optimizer`` every ``accumulation_steps`` micro-steps of ``model`` (wrapped or not).
 
@@ -104,12 +111,15 @@ class GradientAccumulator:
         window, self._micro_steps = self._micro_steps, 0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self._parameters()]
+        parameters = self._parameters()
+        grads = [p.grad for p in parameters]
         if window < self.accumulation_steps and grads:  # cut short by the epoch's end: the mean over what it has
             torch._foreach_mul_(grads, self.accumulation_steps / window)
         self.last_grad_norm = None
-        if self.max_grad_norm is not None or self.scaler is None:  # the scaler checks for inf/NaN itself
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self._parameters(), self.max_grad_norm or float("inf"))
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm)
+        elif self.scaler is None and grads:  # the norm alone, to skip a non-finite step (a scaler checks itself)
+            self.last_grad_norm = _total_norm(grads)
         self._scale_before = None
         if self.scaler is not None:
             self._scale_before = self.scaler.get_scale()  # scaler.step() syncs on its inf check anyway

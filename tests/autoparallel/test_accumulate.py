@@ -79,6 +79,24 @@ def test_clipping_after_unscaling_reports_the_true_norm() -> None:
     assert accumulator.last_step_skipped is False
 
 
+def test_without_clipping_or_scaler_the_norm_is_reported_and_the_step_is_plain_sgd() -> None:
+    model = linear_model()
+    reference = copy.deepcopy(model)
+    inputs, targets = batch(8)
+    nn.functional.mse_loss(reference(inputs), targets).backward()
+    true_norm = torch.cat([p.grad.reshape(-1) for p in reference.parameters()]).norm()
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+
+    accumulator = GradientAccumulator(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    with accumulator.micro_step():
+        accumulator.backward(nn.functional.mse_loss(model(inputs), targets))
+    accumulator.step()
+
+    torch.testing.assert_close(accumulator.last_grad_norm, true_norm)  # a sum in another order: float tolerance
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(ours, theirs)  # the same gradients, unscaled and unclipped, the same SGD arithmetic
+
+
 def test_fp16_overflow_skips_the_step_instead_of_raising() -> None:
     model = linear_model()
     before = [p.detach().clone() for p in model.parameters()]
