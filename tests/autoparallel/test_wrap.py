@@ -213,6 +213,21 @@ def test_ddp_mode_gives_the_ddp_wrapper(net, caplog):
         wrap(Net(), runtime=ddp_cpu, bucket_size=25)
 
 
+@pytest.mark.usefixtures("single_process_group")
+@pytest.mark.parametrize("flag", [True, False])
+def test_ddp_options_reach_torchs_ddp_and_are_ignored_outside_ddp(flag):
+    # What they change across 2 ranks: tests/distributed/test_ddp.py (test_ddp_options_given_to_wrap_change_...)
+    ddp_cpu = Runtime(mode="ddp", device="cpu", device_ids=(), backend="gloo")
+    options = {"find_unused_parameters": flag, "gradient_as_bucket_view": flag, "bucket_cap_mb": 3}
+    torch_ddp = wrap(Net(), runtime=ddp_cpu, **options).__dict__["_ddp"]  # the DistributedDataParallel inside
+    assert isinstance(torch_ddp, nn.parallel.DistributedDataParallel)
+    assert (torch_ddp.find_unused_parameters, torch_ddp.gradient_as_bucket_view) == (flag, flag)
+    assert torch_ddp.bucket_bytes_cap == 3 * 1024 * 1024
+    assert wrap(Net(), runtime=ddp_cpu, static_graph=True).__dict__["_ddp"].static_graph
+    plain = Net()
+    assert wrap(plain, runtime=CPU, **options, broadcast_buffers=flag) is plain
+
+
 def _scalars(values, sizes=None):
     return merge_outputs(values, sizes, torch.cat)
 

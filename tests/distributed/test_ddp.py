@@ -120,6 +120,33 @@ def test_ddp_matches_single_process_with_accumulation() -> None:
 
 
 @pytest.mark.distributed
+def test_ddp_options_given_to_wrap_change_what_ddp_does() -> None:
+    result = torchrun_result("_ddp_options.py")
+
+    # Each rank's running statistics come from its own data: equal only when rank 0's are broadcast.
+    assert result["default"] == {"running_means_equal": True, "weights_equal": True}
+    assert result["broadcast_buffers=False"] == {"running_means_equal": False, "weights_equal": True}
+    assert result["find_unused_parameters=False"] == {"running_means_equal": True, "weights_equal": True}
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_an_optimizer_step_on_gradients_of_an_eval_mode_forward_is_refused() -> None:
+    model = ap.wrap(Net(), runtime=CPU_DDP)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.eval()
+    model(torch.randn(4, 3)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ap.UsageError, match=r"forward in eval mode.*Call model.train\(\) before training steps"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.train()
+    optimizer.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()  # a training-mode step goes through
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.distributed
 def test_distributed_evaluation_counts_every_sample_once() -> None:
     result = torchrun_result("_ddp_eval.py")
 

@@ -122,6 +122,21 @@ def test_kaggle_checkpoint_dir(tmp_path, capsys):
     assert flags_of(capsys.readouterr().out)["--checkpoint-dir"] == str(tmp_path / "kaggle_working" / "checkpoints")
 
 
+@pytest.mark.parametrize(("environ", "argv", "budget"), [
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, (), "11h30m"),  # a session ends at 12 h: stop and save before it
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, ("--time-budget", "5h"), "5h"),
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, ("--", "--time-budget", "2h"), "2h"),  # given to train itself
+    ({}, (), None),  # not on Kaggle: no limit unless asked
+])
+def test_on_kaggle_the_run_stops_before_the_session_limit_unless_told_otherwise(tmp_path, capsys, environ, argv,
+                                                                                budget):
+    make_cod10k(tmp_path / ("kaggle_input" if environ else "work") / "COD10K-v3")
+    assert run_dry(tmp_path, *argv, environ=environ) == 0
+    command = command_of(capsys.readouterr().out)
+    assert command.count("--time-budget") == (budget is not None)
+    assert flags_of(" ".join(["Command:", *command])).get("--time-budget") == budget
+
+
 def test_resume_finds_last_pt(tmp_path, capsys):
     make_cod10k(tmp_path / "work" / "COD10K-v3")
     checkpoints = tmp_path / "work" / "checkpoints"

@@ -1,0 +1,46 @@
+"""Worker for test_ddp.py::test_ddp_options_given_to_wrap_change_what_ddp_does (torchrun, 2 processes).
+
+Each rank trains one step on its own data through a model with BatchNorm, once with the default options and
+once with ``broadcast_buffers=False``: the default gives every rank rank 0's running statistics, the option
+leaves each rank its own. Both keep the parameters equal across ranks (the gradients are all-reduced).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.distributed as dist
+from _emit import emit  # this folder is sys.path[0] for a script
+from torch import nn
+
+import autoparallel as ap
+
+
+def one_step(rt: ap.Runtime, **options) -> dict:
+    torch.manual_seed(0)
+    model = ap.wrap(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)), runtime=rt, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = torch.randn(6, 4, generator=torch.Generator().manual_seed(10 + rt.rank))  # each rank its own data
+    model(inputs).square().mean().backward()
+    optimizer.step()
+    state = ap.unwrap(model).state_dict()
+    mean = state["1.running_mean"].clone()
+    weights = torch.cat([state["0.weight"].reshape(-1), state["2.weight"].reshape(-1)])
+    gathered = [torch.empty_like(mean) for _ in range(rt.world_size)]
+    dist.all_gather(gathered, mean)
+    weight_list = [torch.empty_like(weights) for _ in range(rt.world_size)]
+    dist.all_gather(weight_list, weights)
+    return {"running_means_equal": torch.equal(gathered[0], gathered[1]),
+            "weights_equal": torch.equal(weight_list[0], weight_list[1])}
+
+
+def main() -> None:
+    rt = ap.runtime()
+    result = {"default": one_step(rt), "broadcast_buffers=False": one_step(rt, broadcast_buffers=False),
+              "find_unused_parameters=False": one_step(rt, find_unused_parameters=False)}
+    if rt.is_main:
+        emit("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
