@@ -77,9 +77,8 @@ class Trainer:
         self.unfreeze = UnfreezePlan(epochs=args.epochs, stage1_epochs=args.stage1_epochs,
                                      num_stages=len(self.stages), freeze_stage1=freeze_stage1,
                                      progressive=args.progressive_unfreeze)
-        backbone_lr_scale = args.backbone_lr_scale
-        if backbone_lr_scale is None:
-            backbone_lr_scale = 0.1 if self.pretrained_loaded else 1.0
+        default_scale = 0.1 if self.pretrained_loaded else 1.0  # pretrained features move slower than the decoder
+        backbone_lr_scale = default_scale if args.backbone_lr_scale is None else args.backbone_lr_scale
         self.config = {**vars(args), "top_k": model.top_k,
                        "stage2_batch_size": args.stage2_batch_size or args.batch_size,
                        "backbone_lr_scale": backbone_lr_scale, "freeze_stage1": freeze_stage1,
@@ -135,11 +134,8 @@ class Trainer:
         return "stage 1/2" if self.stage(epoch) == "stage1" else "stage 2/2"
 
     def _micro_batches(self, loader: Any) -> int:
-        """Micro-batches per epoch: the loader's, capped by --max-steps-per-epoch, a multiple of accumulation.
-
-        Whole windows only, so every optimizer step averages the same number of samples and a resumed run
-        starts on a window boundary; the few batches left over are the next epoch's shuffle's.
-        """
+        """Micro-batches per epoch, capped by --max-steps-per-epoch, in whole accumulation windows (every step
+        averages as many samples; a resumed run starts on a window boundary)."""
         available = len(loader)
         if self.args.max_steps_per_epoch is not None:
             available = min(available, self.args.max_steps_per_epoch)
@@ -156,9 +152,8 @@ class Trainer:
         return sum(self.micro_batches[self.stage(e)] // accumulation for e in range(epoch))
 
     def _is_better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value < self.best if self.args.metric in LOWER_IS_BETTER else value > self.best
+        lower = self.args.metric in LOWER_IS_BETTER
+        return self.best is None or (value < self.best if lower else value > self.best)
 
     def _group_lrs(self) -> dict[str, float]:
         return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
@@ -288,22 +283,15 @@ class Trainer:
                          args=self.config, **extra)
 
     def validate(self) -> dict[str, float]:
-        """Scores the weights that checkpoints call best: the EMA's when --use-ema, else the model's.
-
-        Under DDP every rank's EMA is rank 0's: the wrapper gives every rank the same weights and buffers
-        after each step, and the EMA averages them locally.
-        """
+        """Scores the weights that checkpoints call best: the EMA's when --use-ema (the same on every rank, as the
+        weights it averages are), else the model's."""
         module = inference_module(self.ema.module, self.rt) if self.ema is not None else self.model
         summary, _ = score(module, self.val_loader, self.val_set, self.rt)
         return summary
 
     def fit(self, num_epochs: int | None = None) -> dict[str, Any]:
-        """Trains from ``start_epoch`` to ``--epochs``; returns the best and the last validation results.
-
-        Args:
-            num_epochs: stop after this many epochs of this call (a time-boxed session), leaving ``last.pt``
-                to resume from; the schedule is still the one of ``--epochs``.
-        """
+        """Trains from ``start_epoch`` to ``--epochs`` (or ``num_epochs`` more, leaving ``last.pt`` to resume from,
+        on the schedule of ``--epochs``); returns the best and the last validation results."""
         args = self.args
         end_epoch = args.epochs if num_epochs is None else min(args.epochs, self.start_epoch + num_epochs)
         self.run_log = run_dir.RunLog(self.checkpoint_dir, enabled=self.rt.is_main)
