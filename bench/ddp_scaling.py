@@ -462,8 +462,10 @@ def main(args: argparse.Namespace) -> int:
     chosen = {name: sorted({run["find_unused_chosen"].get(name) for run in runs["ddp"]}, key=str) for name in names}
     allreduce_ms = quantiles([run["allreduce_s"]["median"] * 1e3 for run in runs["ddp"]])
     step_ms = {name: quantiles([run["seconds_per_step"][name] * 1e3 for run in runs["ddp"]]) for name in names}
+    # After 3 SGD steps: float noise moved weights by 1.4e-6 (1 against 2 threads, one process) to 1.2e-5 (DDP,
+    # 2026-12-02); a missing all-reduce (rank 0's half-batch gradient) by 2.7e-2, as much as training did.
     equivalent = (equivalence is None or args.model != "convnet" or
-                  (equivalence["equal_keys"] and equivalence["max_abs_diff"] <= 1e-5))
+                  (equivalence["equal_keys"] and equivalence["max_abs_diff"] <= 1e-3))
 
     print()
     rows = [[name, f"{q['median']:.1f}", f"{q['min']:.1f}-{q['max']:.1f}"] for name, q in per_variant.items()]
