@@ -31,12 +31,9 @@ def _find_ddp(model: nn.Module | None) -> nn.Module | None:
 
 
 class GradientAccumulator:
-    """Steps ``optimizer`` every ``accumulation_steps`` micro-steps of ``model`` (wrapped or not).
-
-    ``scaler`` is fp16's ``GradScaler`` (a disabled one counts as none); ``max_grad_norm`` clips after
-    unscaling (``last_grad_norm`` is the norm before). A non-finite gradient skips the step on every rank
-    alike; ``loader`` is the training loader, whose last batch of an epoch ends the window.
-    """
+    """Steps ``optimizer`` every ``accumulation_steps`` micro-steps of ``model`` (wrapped or not), clipping to
+    ``max_grad_norm`` after the ``scaler`` unscales (``last_grad_norm``: the norm before). A non-finite gradient
+    skips the step on every rank alike; the last batch of an epoch of ``loader`` ends the window."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accumulation_steps: int = 1,
                  scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None,

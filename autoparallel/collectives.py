@@ -99,11 +99,8 @@ def _gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather(value: Any) -> Any:
-    """Concatenates every rank's tensors along dimension 0, in rank order (a 0-dim tensor or a number is one row).
-
-    The first dimension may differ between ranks: after a loop over ``loader(train=False)`` the rows are in
-    dataset order.
-    """
+    """Concatenates every rank's tensors along dimension 0 (whose size may differ), in rank order: after a loop
+    over ``loader(train=False)`` the rows are in dataset order. A 0-dim tensor or a number is one row."""
     return _tree(value, _gather_tensor)
 
 

@@ -200,13 +200,10 @@ def loader(dataset: Dataset, batch_size: int, *, train: bool = True, shuffle: bo
            sampler: Sampler | None = None, seed: int | None = None, num_workers: int | None = None,
            pin_memory: bool | None = None, persistent_workers: bool | None = None, drop_last: bool | None = None,
            runtime: Runtime | None = None, **dataloader_kwargs: Any) -> Loader:
-    """The loader of ``dataset`` for the current mode, called on every rank (see the module docstring).
-
-    ``sampler`` is an order to shard instead of the shuffle, the same on every rank (one with a
-    ``generator`` is re-seeded with ``seed + epoch``); ``seed`` defaults to the script's torch seed,
-    ``num_workers`` to :func:`default_num_workers`, ``pin_memory`` to on for a GPU and ``drop_last`` to
-    ``train``. Other keyword arguments go to ``DataLoader``.
-    """
+    """The loader of ``dataset`` for the current mode, called on every rank. ``sampler``: an order to shard
+    instead of the shuffle, the same on every rank (one with a ``generator`` is re-seeded with ``seed + epoch``);
+    ``seed`` defaults to the script's torch seed, ``num_workers`` to :func:`default_num_workers`, ``pin_memory``
+    to on for a GPU, ``drop_last`` to ``train``; other keyword arguments go to ``DataLoader``."""
     detected = runtime is None
     if runtime is None:
         from .runtime import runtime as current_runtime

@@ -22,7 +22,7 @@ from torch.nn.parallel._functions import Gather
 from torch.nn.parallel.parallel_apply import parallel_apply as _parallel_apply
 from torch.nn.parallel.scatter_gather import scatter_kwargs
 
-from .dropin import DropInWrapper, unwrap
+from .dropin import DropInWrapper, tensors, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -109,18 +109,6 @@ def merge_outputs(outputs: Sequence[Any], split_sizes: Sequence[int] | None,
     return merge(outputs)
 
 
-def _first_batch_size(obj: Any, dim: int) -> int | None:
-    """Size of ``dim`` of the first tensor in a replica's inputs (depth first): the replica's batch share."""
-    if isinstance(obj, torch.Tensor):
-        return obj.shape[dim] if obj.dim() > dim else None
-    children = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
-    for child in children:
-        size = _first_batch_size(child, dim)
-        if size is not None:
-            return size
-    return None
-
-
 def _under_callers_autocast(module: Callable[..., Any], device_type: str) -> Callable[..., Any]:
     """``module``, called under the autocast state of the thread calling ``forward`` (captured now): torch's
     ``parallel_apply`` re-enters autocast passing only ``enabled`` (pytorch issue #125186)."""
@@ -187,7 +175,9 @@ class DataParallel(DropInWrapper, nn.DataParallel):
     def scatter(self, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, device_ids: Sequence[Any]) -> Any:
         dim = self.__dict__.get("_dp_dim", 0)
         scattered_inputs, scattered_kwargs = scatter_kwargs(inputs, kwargs, device_ids, dim=dim)
-        sizes = [_first_batch_size((args, kw), dim) for args, kw in zip(scattered_inputs, scattered_kwargs)]
+        # A replica's batch share: the size of ``dim`` of the first tensor in its inputs that has that dimension.
+        sizes = [next((t.shape[dim] for t in tensors((args, kw)) if t.dim() > dim), None)
+                 for args, kw in zip(scattered_inputs, scattered_kwargs)]
         self.__dict__["_split_sizes"] = None if not sizes or None in sizes else sizes
         split = (sum(self._split_sizes), len(device_ids)) if self._split_sizes is not None else None
         if split is not None and split not in self._warned_splits and (message := split_warning(*split)):

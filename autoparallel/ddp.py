@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import optimizer as optimizer_hooks
 
 from . import group
-from .dropin import DropInWrapper, structure_generation
+from .dropin import DropInWrapper, structure_generation, tensors
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -58,20 +58,9 @@ def _refuse_steps_after_eval_backward(optimizer: Any, *_: Any) -> None:
 optimizer_hooks.register_optimizer_step_pre_hook(_refuse_steps_after_eval_backward)
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-
-
 def _graph_facts(output: Any, parameters: list[nn.Parameter]) -> tuple[bool, bool]:
     """(some trainable parameter is not in ``output``'s autograd graph, the graph has reentrant checkpoints)."""
-    stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in tensors(output) if t.grad_fn is not None]
     seen, reached, reentrant = set(), set(), False
     while stack:
         node = stack.pop()
@@ -133,7 +122,6 @@ class DistributedModel(DropInWrapper, nn.Module):
                              "DistributedDataParallel(...) line (ap.wrap's options take DDP's arguments)")
         return super().__getattr__(name)
 
-    # -- DDP life cycle ---------------------------------------------------------------------------------
     def _rebuild(self, find_unused: bool | None = None) -> None:
         """(Re)create DDP for the parameters that require grad now: a collective on every rank."""
         if self._ddp is not None:  # free the old reducer (its gradient buffer and hooks) first
@@ -203,11 +191,10 @@ class DistributedModel(DropInWrapper, nn.Module):
         self._rebuild(find_unused=True)
         return self._ddp(*args, **kwargs)
 
-    # -- nn.Module behaviour ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled() or not self.training:
             output = self.module(*args, **kwargs)
-            tracked = next((t for t in _tensors(output) if t.requires_grad), None) if torch.is_grad_enabled() else None
+            tracked = next((t for t in tensors(output) if t.requires_grad), None) if torch.is_grad_enabled() else None
             if tracked is not None:  # an optimizer step on these unsynchronised gradients is refused
                 tracked.register_hook(lambda grad: self.__dict__.update(_eval_backward=True))
             return output

@@ -293,11 +293,8 @@ def _ddp_gpu(launch: Launch, gpus: tuple[int, ...]) -> tuple[int, ...]:
 def detect_runtime(strategy: str | None = None, devices: str | Sequence[int] | None = None,
                    precision: str | None = None, *, env: Mapping[str, str], hardware: Hardware,
                    group: Group | None = None) -> Runtime:
-    """Decide how this process runs from the arguments, an environment mapping, the GPUs and the process group.
-
-    ``group`` is the default process group when one exists: this process is then one rank of that job,
-    whoever created it.
-    """
+    """How this process runs, from the arguments, an environment, the GPUs and the default process ``group``
+    (when one exists, this process is one rank of that job, whoever created it)."""
     chosen, strategy_source = _choice(strategy, "strategy", env, "AUTOPARALLEL_STRATEGY", STRATEGIES)
     devices_source = "devices" if devices is not None else "AUTOPARALLEL_DEVICES"
     requested = parse_devices(devices if devices is not None else env.get("AUTOPARALLEL_DEVICES"), devices_source)

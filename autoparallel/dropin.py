@@ -6,9 +6,10 @@ names use the model's own names (state-dict hooks strip the wrapper's segment at
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
@@ -28,6 +29,15 @@ def structure_generation() -> int:
     """A counter that moves whenever any module registers a parameter or a submodule (``model.fc = ...``), so
     wrappers and the EMA notice a changed model without listing its tensors at every step."""
     return _generation[0]
+
+
+def tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a forward's inputs or outputs (dicts, lists and tuples at any depth), depth first."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (Mapping, list, tuple)):
+        for item in value.values() if isinstance(value, Mapping) else value:
+            yield from tensors(item)
 
 
 def canonical(key: str) -> str:

@@ -132,11 +132,9 @@ def _run(command: list[str], env: dict[str, str]) -> int:
 
 
 def launch(fn: Callable[..., Any] | None = None, *args: Any, nproc: int | None = None, **kwargs: Any) -> Any:
-    """Start the DDP job: ``ap.launch()`` re-runs this script, ``ap.launch(fn, *args, **kwargs)`` runs ``fn``.
-
-    The script form returns at once under a launcher or when DDP is not requested, else exits with the
-    job's status (:data:`EXIT_RESUMABLE` when its ranks agreed on a stop); it does not work in a notebook.
-    The function form returns rank 0's result (with one process it just calls ``fn``).
+    """Start the DDP job: ``ap.launch()`` re-runs this script (not in a notebook) and exits with the job's status
+    (:data:`EXIT_RESUMABLE` when its ranks agreed on a stop), returning at once under a launcher or when DDP is
+    not requested; ``ap.launch(fn, *args, **kwargs)`` returns rank 0's result (one process: just calls ``fn``).
     """
     if fn is not None:
         if not callable(fn):

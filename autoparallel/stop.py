@@ -48,12 +48,9 @@ def parse_duration(text: str | float | int, source: str = "time budget") -> floa
 
 
 class StopRequest:
-    """Collects stop requests (``time_budget``, ``signals``) and tells every rank, together, when to stop.
-
-    With ``save_every`` (a duration, like ``time_budget``), :attr:`save_due` is True on every rank at the
-    same check once that much time has passed since the last one. As a context manager (or with
-    :meth:`close`) it restores the previous signal handlers; a second Ctrl-C interrupts at once.
-    """
+    """Collects stop requests (``time_budget``, ``signals``) and tells every rank, together, when to stop; with
+    ``save_every``, :attr:`save_due` is True on every rank at the same check once that much time has passed.
+    Closing it (or leaving its ``with``) restores the previous signal handlers; a second Ctrl-C interrupts."""
 
     def __init__(self, time_budget: str | float | None = None, save_every: str | float | None = None,
                  signals: tuple[int, ...] = SIGNALS) -> None:
