@@ -1,9 +1,10 @@
 """Our DistributedDataParallel wrapper: torch's DDP for the gradients, plus what existing scripts assume.
 
 Without ``find_unused_parameters`` or ``static_graph`` the first training step reads the autograd graph and,
-if a trainable parameter took no part, re-runs that forward under ``find_unused_parameters=True``. A changed
-model rebuilds DDP at the next training forward. Forwards without autograd or in eval mode run the plain
-module, with no collective to hang on; rank 0's buffers are broadcast after each training forward.
+if a trainable parameter took no part, re-runs that forward under ``find_unused_parameters=True``. A model
+changed on every rank between the same two steps (a new submodule, ``requires_grad``) rebuilds DDP at the next
+training forward. Forwards without autograd or in eval mode run the plain module, with no collective to hang
+on; rank 0's buffers are broadcast after each training forward, so eval, an EMA and checkpoints see rank 0's.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import optimizer as optimizer_hooks
 
@@ -160,7 +161,7 @@ class DistributedModel(DropInWrapper, nn.Module):
             groups.setdefault((buffer.device, buffer.dtype), []).append(buffer)
         with torch.no_grad():
             for buffers in groups.values():
-                flat = _flatten_dense_tensors(buffers)
+                flat = torch.cat([b.reshape(-1) for b in buffers])  # a copy, never a view of a single buffer
                 with group.explained("the broadcast of rank 0's buffers after a training forward"):
                     dist.broadcast(flat, src=0)
                 for buffer, synced in zip(buffers, _unflatten_dense_tensors(flat, buffers)):

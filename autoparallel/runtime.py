@@ -98,7 +98,7 @@ def _warn_unlaunched_nproc(env: Mapping[str, str], rt: Runtime) -> None:
 def runtime(strategy: str | None = None, devices: str | Sequence[int] | None = None,
             precision: str | None = None) -> Runtime:
     """Where this process runs. ``strategy`` (``auto``, ``cpu``, ``single``, ``dp``, ``ddp``), ``devices`` (``"0,1"``)
-    and ``precision`` (``auto``, ``no``, ``fp16``, ``bf16``) override ``AUTOPARALLEL_STRATEGY``, ``_DEVICES`` and
+    and ``precision`` (``auto``, ``fp32``, ``fp16``, ``bf16``) override ``AUTOPARALLEL_STRATEGY``, ``_DEVICES`` and
     ``_PRECISION`` and re-detect, replacing the cached answer."""
     existing = group.current()
     key = (os.getpid(), existing)

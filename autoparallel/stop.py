@@ -7,7 +7,6 @@ read at the next call so no check waits for the network: every rank stops at the
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import signal
@@ -21,8 +20,6 @@ import torch.distributed as dist
 
 from . import group
 from .errors import UsageError
-
-logger = logging.getLogger(__name__)
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: "temporary failure, try again", i.e. resume
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
