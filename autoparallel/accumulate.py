@@ -1,9 +1,9 @@
 """Gradient accumulation that skips needless DDP all-reduces, clips after unscaling and survives overflow.
 
 A window of A micro-steps runs its first A - 1 backward passes inside DDP's ``no_sync()`` and divides each
-loss by A; given the ``loader``, a window cut short by the end of an epoch steps there with the mean over
-what it has, so every epoch ends on a step. Use: ``with acc.micro_step(), ap.autocast(): acc.backward(loss)``
-then ``if acc.step(): scheduler.step()``.
+loss by A, so its gradient is the mean over its samples; given the ``loader``, a window cut short by the end
+of an epoch steps there with the mean over what it has, so every epoch ends on a step. Use: ``with
+acc.micro_step(), ap.autocast(): acc.backward(loss)`` then ``if acc.step(): scheduler.step()``.
 """
 from __future__ import annotations
 

@@ -45,9 +45,10 @@ def parse_duration(text: str | float | int, source: str = "time budget") -> floa
 
 
 class StopRequest:
-    """Collects stop requests (``time_budget``, ``signals``) and tells every rank, together, when to stop; with
-    ``save_every``, :attr:`save_due` is True on every rank at the same check once that much time has passed.
-    Closing it (or leaving its ``with``) restores the previous signal handlers; a second Ctrl-C interrupts."""
+    """Collects stop requests (``time_budget``, in seconds or as ``"11h30m"``; ``signals``) and tells every rank,
+    together, when to stop; with ``save_every``, :attr:`save_due` is True on every rank at the same check once
+    that much time has passed. Closing it (or its ``with``) restores the signal handlers; a second Ctrl-C
+    interrupts at once."""
 
     def __init__(self, time_budget: str | float | None = None, save_every: str | float | None = None,
                  signals: tuple[int, ...] = SIGNALS) -> None:
