@@ -34,12 +34,8 @@ def progress(iterable: Iterable[Any] | None = None, **tqdm_kwargs: Any) -> tqdm:
 
 
 def _environment(rt: Runtime) -> str:
-    if rt.mode == "cpu":
-        return "NO (CPU)"
-    if rt.mode == "single":
-        return "NO (single GPU)"
-    if rt.mode == "dp":
-        return "MULTI_GPU (DataParallel)"
+    if rt.mode != "ddp":
+        return {"cpu": "NO (CPU)", "single": "NO (single GPU)", "dp": "MULTI_GPU (DataParallel)"}[rt.mode]
     on_gpu = rt.device.type == "cuda"
     multi_node = rt.node_rank > 0 or (on_gpu and rt.world_size > max(rt.num_gpus, 1))
     kind = "MULTI_NODE" if multi_node else "MULTI_GPU" if on_gpu else "MULTI_CPU"
