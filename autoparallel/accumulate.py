@@ -1,11 +1,9 @@
 """Gradient accumulation that skips needless DDP all-reduces, clips after unscaling and survives overflow.
 
-A window of ``accumulation_steps = A`` micro-steps runs its first A - 1 backward passes inside DDP's
-``no_sync()`` and divides each loss by A, so the window's gradient is the mean over its ``global_batch x A``
-samples. Given the ``loader``, a window cut short by the end of an epoch is stepped there, with the mean
-over the micro-batches it has, so every epoch ends on a step and a resume at an epoch boundary is exact;
-without it, windows run on across epochs. Use: ``with acc.micro_step(), ap.autocast(): acc.backward(loss)``
-then ``if acc.step(): scheduler.step()``.
+A window of A micro-steps runs its first A - 1 backward passes inside DDP's ``no_sync()`` and divides each
+loss by A, so its gradient is the mean over its samples; given the ``loader``, a window cut short by the end
+of an epoch steps there with the mean over what it has, so every epoch ends on a step. Use: ``with
+acc.micro_step(), ap.autocast(): acc.backward(loss)`` then ``if acc.step(): scheduler.step()``.
 """
 from __future__ import annotations
 
@@ -25,15 +23,11 @@ __all__ = ["GradientAccumulator"]
 logger = logging.getLogger(__name__)
 
 
-def _find_ddp(model: nn.Module) -> nn.Module | None:
+def _find_ddp(model: nn.Module | None) -> nn.Module | None:
     """The DDP wrapper, possibly under ``torch.compile``'s ``_orig_mod`` layers, or None."""
-    for _ in range(8):
-        if isinstance(model, (DistributedModel, DistributedDataParallel)):
-            return model
-        model = model.__dict__.get("_modules", {}).get("_orig_mod")
-        if model is None:
-            return None
-    return None
+    while model is not None and not isinstance(model, (DistributedModel, DistributedDataParallel)):
+        model = model._modules.get("_orig_mod") if isinstance(model, nn.Module) else None
+    return model
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -44,14 +38,9 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 class GradientAccumulator:
-    """Steps ``optimizer`` every ``accumulation_steps`` micro-steps of ``model`` (wrapped or not).
-
-    ``scaler``: a ``GradScaler`` for fp16 (``ap.grad_scaler()``; a disabled one counts as none);
-    ``max_grad_norm``: clip after unscaling (``last_grad_norm`` holds the norm before clipping). Without a
-    scaler the norm is computed anyway, so a non-finite gradient skips the step (on every DDP rank alike:
-    the gradients were all-reduced) instead of reaching the weights;
-    ``loader``: the training loader, whose last batch of an epoch ends the window.
-    """
+    """Steps ``optimizer`` every ``accumulation_steps`` micro-steps of ``model`` (wrapped or not), clipping to
+    ``max_grad_norm`` after the ``scaler`` unscales (``last_grad_norm``: the norm before). A non-finite gradient
+    skips the step on every rank alike; the last batch of an epoch of ``loader`` ends the window."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accumulation_steps: int = 1,
                  scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None,

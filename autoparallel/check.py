@@ -1,10 +1,9 @@
 """Is this machine ready for multi-GPU training? ``python -m autoparallel.check``.
 
-Reports the stack, the GPUs, the runtime autoparallel would pick and the debugging settings, then runs
-checks that do what training does: a DataParallel forward and backward with an uneven split under mixed
-precision, compared with one device, and a DDP all-reduce through torch's launcher. Each ends PASS, FAIL or
-SKIP with its reason. Exit status 0: all passed, 1: a check failed, 2: no GPU (``--allow-cpu`` runs the
-checks that mean something on a CPU). An application adds checks, flags and advice through :func:`main`.
+Reports the stack, the GPUs and the runtime autoparallel would pick, then runs what training does (a
+DataParallel step with an uneven split under mixed precision, compared with one device; a DDP all-reduce
+through torchrun), each ending PASS, FAIL or SKIP with its reason. Exit 0: all passed, 1: a check failed,
+2: no GPU. An application adds checks, flags and advice through :func:`main`.
 """
 from __future__ import annotations
 
@@ -28,6 +27,8 @@ from torch import nn
 
 from . import group
 from .detect import Hardware, Runtime, detect_runtime
+from .launch import _visible_gpus as gpus
+from .launch import requested_processes
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 Check = Callable[[argparse.Namespace], "tuple[str, str]"]
@@ -44,10 +45,6 @@ class Result:
     seconds: float = 0.0
 
 
-def gpus() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def local_runtime() -> Runtime:
     """What a plain ``python train.py`` would get here (device and precision choices only; no process group)."""
     env = {key: os.environ[key] for key in ("AUTOPARALLEL_DEVICES", "AUTOPARALLEL_PRECISION") if key in os.environ}
@@ -56,7 +53,6 @@ def local_runtime() -> Runtime:
 
 def collect_environment() -> dict[str, Any]:
     """Versions, GPUs, the runtime and launch autoparallel would pick, and the debugging knobs, as plain data."""
-    from .launch import requested_processes
     from .output import banner
 
     def attempt(what: Callable[[], Any]) -> Any:  # the report must print even when one part of it fails

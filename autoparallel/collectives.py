@@ -1,10 +1,8 @@
 """Gathers and reductions for metrics and coordination, the same in every mode.
 
-``all_gather`` and ``all_reduce`` take a tensor, a Python number, or dicts, lists and tuples of them (at any
-depth) and return the same structure with tensors; Python floats travel as float64, ints as int64, bools as
-bool. In one process they gather or reduce over that one process, so the results have the same shapes
-and types as under DDP. Tensors may live on any device; results are detached and come back on the
-input's device (a Python number's on the CPU).
+``all_gather`` and ``all_reduce`` take tensors, Python numbers (floats as float64, ints as int64) and dicts,
+lists and tuples of them, and return the same structure of detached tensors on the input's device. In one
+process they gather or reduce over that process, so shapes and types match those under DDP.
 """
 from __future__ import annotations
 
@@ -101,12 +99,8 @@ def _gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather(value: Any) -> Any:
-    """Concatenates every rank's tensors along dimension 0, in rank order (a 0-dim tensor or a number is one row).
-
-    The first dimension may differ between ranks. Gathered once after an evaluation loop over
-    ``autoparallel.loader(train=False)``, the rows are in dataset order; gathered batch by batch, every
-    sample still appears exactly once, batch after batch.
-    """
+    """Concatenates every rank's tensors along dimension 0 (whose size may differ), in rank order: after a loop
+    over ``loader(train=False)`` the rows are in dataset order. A 0-dim tensor or a number is one row."""
     return _tree(value, _gather_tensor)
 
 

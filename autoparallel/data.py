@@ -1,19 +1,16 @@
 """``loader()``: a DataLoader whose ``batch_size`` is the global batch of one micro-step in every mode.
 
-Each of N DDP processes loads ``batch_size // N``; rank ``r`` takes positions ``r, r + N, ...`` of the
-epoch's order (``DistributedSampler``'s ``randperm(seed + epoch)``, or the sampler you pass), so the steps
-and their samples do not depend on how the job was started. An iteration run to its end moves to the next
-epoch, one abandoned early (``next(iter(loader))``) does not, and ``loader.set_epoch(k)`` or
-``loader.sampler.set_epoch(k)`` picks epoch k's exact order. ``state_dict()`` holds the epoch and the
-batches taken, so a run resumed mid-epoch continues with the next batch (its augmentation exact with
-``num_workers=0``; workers' random streams restart from ``(seed, epoch, rank)``). With ``train=False`` each
-rank takes a contiguous, unpadded slice and every rank yields the same number of batches (empty ones on a
-rank without samples), so a gather after the loop is in dataset order and per-batch gathers never wait.
+Each of N DDP processes loads ``batch_size // N``, rank ``r`` taking positions ``r, r + N, ...`` of the epoch's
+order (``randperm(seed + epoch)`` or your sampler's), so batches do not depend on how the job was started.
+The loader keeps its place (epoch, batches taken) for a mid-epoch resume; ``train=False`` gives each rank a
+contiguous, unpadded slice in as many batches as every other rank, so gathers never wait and come out in
+dataset order.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,8 +25,6 @@ if TYPE_CHECKING:
     from .detect import Runtime
 
 __all__ = ["Loader", "default_num_workers", "loader"]
-
-_MAX_DEFAULT_WORKERS = 8
 
 
 class ShardedSampler(Sampler[int]):
@@ -80,10 +75,8 @@ class EvalBatchSampler(Sampler[list[int]]):
         if min(counts) > 0:
             batches = min(batches, min(counts))  # no rank is left with an empty batch it could have filled
         sizes = [mine // batches + (b < mine % batches) for b in range(batches)] if batches else []
-        self.batches, offset = [], self.start
-        for count in sizes:
-            self.batches.append(list(range(offset, offset + count)))
-            offset += count
+        ends = list(accumulate(sizes, initial=self.start))
+        self.batches = [list(range(start, end)) for start, end in zip(ends, ends[1:])]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter([list(batch) for batch in self.batches])
@@ -107,19 +100,10 @@ def _empty_like(batch: Any) -> Any:
     return batch
 
 
-def _worker_base_seed(seed: int, epoch: int, rank: int) -> int:
-    # SeedSequence mixes the three numbers well, so (epoch, rank) pairs never share worker seeds.
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 class Loader(DataLoader):
-    """A ``DataLoader`` that keeps its place: epoch, batches taken, and the global batch size.
-
-    ``batch_size`` is the per-process batch (what one ``next()`` returns, None for evaluation),
-    ``global_batch_size`` the batch of one micro-step over all processes, ``epoch`` the epoch being
-    (or last) iterated and ``batches_remaining`` what the current iteration will still yield (None
-    outside an iteration).
-    """
+    """A ``DataLoader`` that keeps its place: ``epoch`` (being or last iterated), ``batches_remaining`` (None
+    outside an iteration) and ``global_batch_size``; ``batch_size`` is the per-process batch. An iteration run
+    to its end moves to the next epoch, one left early (a ``break``) does not."""
 
     def __init__(self, dataset: Dataset, *, global_batch_size: int, seed: int, rank: int, world_size: int,
                  detected: bool = False, **kwargs: Any) -> None:
@@ -163,7 +147,9 @@ class Loader(DataLoader):
         skip, self._resume_batches, self._left_at = self._resume_batches, 0, None
         if isinstance(sampler, ShardedSampler):
             sampler.start = min(skip * self.batch_size, sampler.num_samples)
-        self.generator.manual_seed(_worker_base_seed(self.seed, epoch, self.rank))
+        # Workers' seeds: SeedSequence mixes the three numbers well, so (epoch, rank) pairs never share them.
+        mixed = np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1, dtype=np.uint64)[0]
+        self.generator.manual_seed(int(mixed >> 1))
         total = len(self)
         self.batches_remaining = total
         if isinstance(sampler, EvalBatchSampler) and total and not sampler.batches[0]:
@@ -207,32 +193,17 @@ def default_num_workers(processes_on_this_node: int = 1) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cpus = os.cpu_count() or 1
-    return max(0, min(_MAX_DEFAULT_WORKERS, cpus // max(1, processes_on_this_node) - 1))
-
-
-def _default_seed() -> int:
-    """The script's seed (what it gave ``torch.manual_seed``), rank 0's under DDP so every rank shuffles alike."""
-    return int(broadcast_object(torch.initial_seed() % 2**31))
+    return max(0, min(8, cpus // max(1, processes_on_this_node) - 1))
 
 
 def loader(dataset: Dataset, batch_size: int, *, train: bool = True, shuffle: bool = True,
            sampler: Sampler | None = None, seed: int | None = None, num_workers: int | None = None,
            pin_memory: bool | None = None, persistent_workers: bool | None = None, drop_last: bool | None = None,
            runtime: Runtime | None = None, **dataloader_kwargs: Any) -> Loader:
-    """Build the loader for ``dataset`` in the current mode (see the module docstring for the rules).
-
-    Call it on every rank under DDP: without ``seed`` it shares rank 0's. Other keyword arguments
-    (``collate_fn``, ``worker_init_fn``, ``prefetch_factor``, ``timeout``...) go to ``DataLoader``.
-
-    Args:
-        batch_size: the global batch of one micro-step, in every mode.
-        train: shuffled (``shuffle``), sharded and ``drop_last`` by default; ``False`` gives evaluation shards.
-        sampler: an order to shard instead of the shuffle (it must give every rank the same indices: a
-            torch sampler with a ``generator`` attribute is re-seeded with ``seed + epoch`` for that).
-        seed: base of the shuffling and worker seeds; default the script's torch seed.
-        num_workers: default :func:`default_num_workers`; pin_memory: default on for a GPU;
-        persistent_workers: default on with workers; drop_last: default ``train``.
-    """
+    """The loader of ``dataset`` for the current mode, called on every rank. ``sampler``: an order to shard
+    instead of the shuffle, the same on every rank (one with a ``generator`` is re-seeded with ``seed + epoch``);
+    ``seed`` defaults to the script's torch seed, ``num_workers`` to :func:`default_num_workers`, ``pin_memory``
+    to on for a GPU, ``drop_last`` to ``train``; other keyword arguments go to ``DataLoader``."""
     detected = runtime is None
     if runtime is None:
         from .runtime import runtime as current_runtime
@@ -247,7 +218,9 @@ def loader(dataset: Dataset, batch_size: int, *, train: bool = True, shuffle: bo
     if not train and drop_last:
         raise UsageError("loader(train=False, drop_last=True) would skip the last samples of the evaluation set: "
                          "leave drop_last unset so every sample is evaluated exactly once")
-    seed = _default_seed() if seed is None and train else int(seed or 0)
+    if seed is None and train:  # the script's torch seed, rank 0's so that every rank shuffles alike
+        seed = int(broadcast_object(torch.initial_seed() % 2**31))
+    seed = int(seed or 0)
     if num_workers is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size) if runtime.is_distributed else 1
         num_workers = default_num_workers(local)

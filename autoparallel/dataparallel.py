@@ -1,13 +1,11 @@
 """Our ``nn.DataParallel``: a drop-in for the model, whose outputs come back with their one-GPU values.
 
-torch's concatenates every output along the batch dimension (a 0-dim loss comes back as one value per GPU)
-and hides the model behind ``.module``. Here (:func:`merge_outputs`, at any depth of what ``forward``
-returns): tensors with a batch dimension are concatenated; a 0-dim float tensor or Python float is a mean,
-weighted by each replica's share of the batch (return means, not sums); a 0-dim integer tensor or Python
-int is a count, summed; a bool is a flag, true when any replica's is; dicts, sequences, namedtuples and
-dataclasses merge field by field; strings and None must agree; anything else is refused with the fix. The
-model's own ``dim``, ``device_ids`` and ``output_device`` win over DataParallel's, and replicas run under
-the caller's autocast dtype (torch's worker threads would fall back to fp16 under bf16).
+:func:`merge_outputs`, at any depth of what ``forward`` returns: tensors with a batch dimension are
+concatenated; a 0-dim float (tensor or Python) is a mean weighted by each replica's batch share, a 0-dim
+integer a count (summed), a bool true when any replica's is; dicts, sequences, namedtuples and dataclasses
+merge field by field; strings and None must agree; anything else is refused with the fix. The model's own
+``dim``, ``device_ids`` and ``output_device`` win over DataParallel's, and replicas run under the caller's
+autocast dtype (torch's worker threads would fall back to fp16 under bf16).
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ from torch.nn.parallel._functions import Gather
 from torch.nn.parallel.parallel_apply import parallel_apply as _parallel_apply
 from torch.nn.parallel.scatter_gather import scatter_kwargs
 
-from .dropin import DropInWrapper, unwrap
+from .dropin import DropInWrapper, tensors, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -111,31 +109,17 @@ def merge_outputs(outputs: Sequence[Any], split_sizes: Sequence[int] | None,
     return merge(outputs)
 
 
-def _first_batch_size(obj: Any, dim: int) -> int | None:
-    """Size of ``dim`` of the first tensor in a replica's inputs (depth first): the replica's batch share."""
-    if isinstance(obj, torch.Tensor):
-        return obj.shape[dim] if obj.dim() > dim else None
-    children = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
-    for child in children:
-        size = _first_batch_size(child, dim)
-        if size is not None:
-            return size
-    return None
+def _under_callers_autocast(module: Callable[..., Any], device_type: str) -> Callable[..., Any]:
+    """``module``, called under the autocast state of the thread calling ``forward`` (captured now): torch's
+    ``parallel_apply`` re-enters autocast passing only ``enabled`` (pytorch issue #125186)."""
+    dtype, enabled = torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
+    cache_enabled = torch.is_autocast_cache_enabled()
 
+    def replica(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled):
+            return module(*args, **kwargs)
 
-class _AutocastReplica:
-    """One replica, called under the autocast state of the thread that called ``forward`` (captured here):
-    torch's ``parallel_apply`` re-enters autocast passing only ``enabled`` (pytorch issue #125186)."""
-
-    def __init__(self, module: Callable[..., Any], device_type: str) -> None:
-        self.module, self.device_type = module, device_type
-        self.enabled = torch.is_autocast_enabled(device_type)
-        self.dtype = torch.get_autocast_dtype(device_type)
-        self.cache_enabled = torch.is_autocast_cache_enabled()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled, cache_enabled=self.cache_enabled):
-            return self.module(*args, **kwargs)
+    return replica
 
 
 def _setting(name: str, default: Any) -> property:
@@ -191,18 +175,19 @@ class DataParallel(DropInWrapper, nn.DataParallel):
     def scatter(self, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, device_ids: Sequence[Any]) -> Any:
         dim = self.__dict__.get("_dp_dim", 0)
         scattered_inputs, scattered_kwargs = scatter_kwargs(inputs, kwargs, device_ids, dim=dim)
-        sizes = [_first_batch_size((args, kw), dim) for args, kw in zip(scattered_inputs, scattered_kwargs)]
+        # A replica's batch share: the size of ``dim`` of the first tensor in its inputs that has that dimension.
+        sizes = [next((t.shape[dim] for t in tensors((args, kw)) if t.dim() > dim), None)
+                 for args, kw in zip(scattered_inputs, scattered_kwargs)]
         self.__dict__["_split_sizes"] = None if not sizes or None in sizes else sizes
-        if self._split_sizes is not None:
-            message = split_warning(sum(self._split_sizes), len(device_ids))
-            if message and (sum(self._split_sizes), len(device_ids)) not in self._warned_splits:
-                self._warned_splits.add((sum(self._split_sizes), len(device_ids)))
-                logger.warning(message)
+        split = (sum(self._split_sizes), len(device_ids)) if self._split_sizes is not None else None
+        if split is not None and split not in self._warned_splits and (message := split_warning(*split)):
+            self._warned_splits.add(split)
+            logger.warning(message)
         return scattered_inputs, scattered_kwargs
 
     def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
         # torch's parallel_apply only calls module(*input, **kwargs), so a callable can stand in for a replica.
-        runners = [_AutocastReplica(replica, self.src_device_obj.type) for replica in replicas]
+        runners = [_under_callers_autocast(replica, self.src_device_obj.type) for replica in replicas]
         return _parallel_apply(runners, inputs, kwargs, self.__dict__["_dp_device_ids"][: len(replicas)])
 
     def gather(self, outputs: Any, output_device: Any) -> Any:

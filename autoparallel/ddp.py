@@ -1,15 +1,10 @@
 """Our DistributedDataParallel wrapper: torch's DDP for the gradients, plus what existing scripts assume.
 
-DDP's options pass through ``ap.wrap``; without ``find_unused_parameters`` or ``static_graph`` the first
-training step reads the autograd graph once and, if a trainable parameter took no part (a top-k mixture of
-experts), rebuilds DDP with ``find_unused_parameters=True`` and re-runs that forward from the same random
-state and buffers (reentrant checkpointing keeps the cheaper ``False``). A replaced submodule or changed
-``requires_grad`` rebuilds DDP at the next training forward (every rank must change between the same two
-steps). Forwards without autograd or in eval mode run the plain module: no collective, so uneven shards
-and rank-0-only evaluation cannot hang; an optimizer step on eval-mode gradients is refused. Rank 0's
-buffers are broadcast after each training forward, so every rank holds them after each step (``eval()``,
-an EMA updated anywhere and the checkpoint all see rank 0's). ``DistributedDataParallel(ap.wrap(m))`` is
-refused with the fix.
+Without ``find_unused_parameters`` or ``static_graph`` the first training step reads the autograd graph and,
+if a trainable parameter took no part, re-runs that forward under ``find_unused_parameters=True``. A model
+changed on every rank between the same two steps (a new submodule, ``requires_grad``) rebuilds DDP at the next
+training forward. Forwards without autograd or in eval mode run the plain module, with no collective to hang
+on; rank 0's buffers are broadcast after each training forward, so eval, an EMA and checkpoints see rank 0's.
 """
 from __future__ import annotations
 
@@ -26,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import optimizer as optimizer_hooks
 
 from . import group
-from .dropin import DropInWrapper, structure_generation
+from .dropin import DropInWrapper, structure_generation, tensors
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -63,20 +59,9 @@ def _refuse_steps_after_eval_backward(optimizer: Any, *_: Any) -> None:
 optimizer_hooks.register_optimizer_step_pre_hook(_refuse_steps_after_eval_backward)
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-
-
 def _graph_facts(output: Any, parameters: list[nn.Parameter]) -> tuple[bool, bool]:
     """(some trainable parameter is not in ``output``'s autograd graph, the graph has reentrant checkpoints)."""
-    stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in tensors(output) if t.grad_fn is not None]
     seen, reached, reentrant = set(), set(), False
     while stack:
         node = stack.pop()
@@ -138,7 +123,6 @@ class DistributedModel(DropInWrapper, nn.Module):
                              "DistributedDataParallel(...) line (ap.wrap's options take DDP's arguments)")
         return super().__getattr__(name)
 
-    # -- DDP life cycle ---------------------------------------------------------------------------------
     def _rebuild(self, find_unused: bool | None = None) -> None:
         """(Re)create DDP for the parameters that require grad now: a collective on every rank."""
         if self._ddp is not None:  # free the old reducer (its gradient buffer and hooks) first
@@ -177,13 +161,11 @@ class DistributedModel(DropInWrapper, nn.Module):
             groups.setdefault((buffer.device, buffer.dtype), []).append(buffer)
         with torch.no_grad():
             for buffers in groups.values():
-                flat = torch.cat([b.reshape(-1) for b in buffers])
+                flat = torch.cat([b.reshape(-1) for b in buffers])  # a copy, never a view of a single buffer
                 with group.explained("the broadcast of rank 0's buffers after a training forward"):
                     dist.broadcast(flat, src=0)
-                offset = 0
-                for b in buffers:
-                    b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
+                for buffer, synced in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+                    buffer.data.copy_(synced)
 
     def _probed_forward(self, args: tuple, kwargs: dict) -> Any:
         """The first training forward: find out whether DDP needs ``find_unused_parameters``."""
@@ -210,15 +192,12 @@ class DistributedModel(DropInWrapper, nn.Module):
         self._rebuild(find_unused=True)
         return self._ddp(*args, **kwargs)
 
-    # -- nn.Module behaviour ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled() or not self.training:
             output = self.module(*args, **kwargs)
-            if self.training is False and torch.is_grad_enabled():
-                for tensor in _tensors(output):
-                    if tensor.requires_grad:
-                        tensor.register_hook(self._note_eval_backward)
-                        break
+            tracked = next((t for t in tensors(output) if t.requires_grad), None) if torch.is_grad_enabled() else None
+            if tracked is not None:  # an optimizer step on these unsynchronised gradients is refused
+                tracked.register_hook(lambda grad: self.__dict__.update(_eval_backward=True))
             return output
         self.__dict__["_eval_backward"] = False
         if self._changed():
@@ -238,9 +217,6 @@ class DistributedModel(DropInWrapper, nn.Module):
         if self._sync_buffers:
             self._broadcast_buffers()
         return output
-
-    def _note_eval_backward(self, grad: torch.Tensor) -> None:
-        self.__dict__["_eval_backward"] = True
 
     def register_comm_hook(self, state: Any, hook: Any) -> None:
         """DDP's communication hook (fp16 compression, PowerSGD, ...), kept across rebuilds of DDP."""

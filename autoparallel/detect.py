@@ -1,10 +1,9 @@
 """Where a process runs, as a pure function of the request, the environment, the GPUs and the process group.
 
-:func:`detect_runtime` reads nothing global, so any machine (Kaggle's 2 x T4, a SLURM node, a torchrun
-worker) can be simulated. First match wins: arguments, ``AUTOPARALLEL_STRATEGY`` / ``_DEVICES`` /
-``_PRECISION``, an existing process group, a launcher's environment (torchrun, ``accelerate launch``,
-``srun``), the hardware. Asking for what is not there logs one line saying what happens instead; an
-invalid value raises :class:`UsageError` naming its source and the choices.
+:func:`detect_runtime` reads nothing global, so any machine can be simulated. First match wins: arguments,
+``AUTOPARALLEL_STRATEGY`` / ``_DEVICES`` / ``_PRECISION``, an existing process group, a launcher's environment
+(torchrun, ``accelerate launch``, ``srun``), the hardware. Asking for what is not there logs what happens
+instead; an invalid value raises :class:`UsageError` naming its source and the choices.
 """
 from __future__ import annotations
 
@@ -294,19 +293,15 @@ def _ddp_gpu(launch: Launch, gpus: tuple[int, ...]) -> tuple[int, ...]:
 def detect_runtime(strategy: str | None = None, devices: str | Sequence[int] | None = None,
                    precision: str | None = None, *, env: Mapping[str, str], hardware: Hardware,
                    group: Group | None = None) -> Runtime:
-    """Decide how this process runs from the arguments, an environment mapping, the GPUs and the process group.
-
-    ``group`` is the default process group when one exists: this process is then one rank of that job,
-    whoever created it.
-    """
+    """How this process runs, from the arguments, an environment, the GPUs and the default process ``group``
+    (when one exists, this process is one rank of that job, whoever created it)."""
     chosen, strategy_source = _choice(strategy, "strategy", env, "AUTOPARALLEL_STRATEGY", STRATEGIES)
     devices_source = "devices" if devices is not None else "AUTOPARALLEL_DEVICES"
     requested = parse_devices(devices if devices is not None else env.get("AUTOPARALLEL_DEVICES"), devices_source)
-    if precision is None and not env.get("AUTOPARALLEL_PRECISION") and \
-            env.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() in PRECISIONS:
-        wanted, precision_source = _choice(None, "precision", env, "ACCELERATE_MIXED_PRECISION", PRECISIONS)
-    else:
-        wanted, precision_source = _choice(precision, "precision", env, "AUTOPARALLEL_PRECISION", PRECISIONS)
+    accelerate = precision is None and not env.get("AUTOPARALLEL_PRECISION") and \
+        env.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() in PRECISIONS
+    wanted, precision_source = _choice(precision, "precision", env, "ACCELERATE_MIXED_PRECISION" if accelerate
+                                       else "AUTOPARALLEL_PRECISION", PRECISIONS)
     launch = detect_launch(env, group)
     gpus = _select_gpus(requested, devices_source, hardware) if chosen != "cpu" else ()
     if launch is not None and (chosen in ("auto", "ddp") or launch.world_size > 1 or group is not None):

@@ -1,22 +1,19 @@
 """What makes our wrappers drop-ins for the model they hold in ``.module``.
 
-Attributes the wrapper does not own are read, written and deleted on the model. Names have no wrapper
-segment anywhere: ``state_dict()``, ``load_state_dict()``, ``named_modules()``, ``named_parameters()`` and
-``named_buffers()`` use the model's own names, also when the wrapper sits inside a container module or
-under ``torch.compile``, and ``load_state_dict`` also takes dicts saved with ``module.`` prefixes. The names
-are rewritten by state-dict hooks at the wrapper's level, which torch runs at any depth of the tree.
+Attributes the wrapper does not own are read, written and deleted on the model, and state dicts and module
+names use the model's own names (state-dict hooks strip the wrapper's segment at any depth, also under
+``torch.compile``); ``load_state_dict`` also takes dicts saved with ``module.`` prefixes.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 _WRAPPER_SEGMENTS = ("module", "_orig_mod")  # DataParallel/DDP keep the model in .module, torch.compile in ._orig_mod
-
-
 _generation = [0]
 
 
@@ -29,12 +26,18 @@ _module_hooks.register_module_module_registration_hook(_bump)
 
 
 def structure_generation() -> int:
-    """A counter that moves whenever any module registers a parameter or a submodule (``model.fc = ...``).
-
-    Wrappers and the EMA compare it with the value they saw, instead of listing the model's tensors again
-    on every step to notice a changed model.
-    """
+    """A counter that moves whenever any module registers a parameter or a submodule (``model.fc = ...``), so
+    wrappers and the EMA notice a changed model without listing its tensors at every step."""
     return _generation[0]
+
+
+def tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a forward's inputs or outputs (dicts, lists and tuples at any depth), depth first."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (Mapping, list, tuple)):
+        for item in value.values() if isinstance(value, Mapping) else value:
+            yield from tensors(item)
 
 
 def canonical(key: str) -> str:
@@ -63,11 +66,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class DropInWrapper:
-    """Mixin placed before ``nn.Module`` in a wrapper's bases; call :meth:`_drop_in` at the end of ``__init__``.
-
-    Until then every attribute is the wrapper's own (``nn.DataParallel`` sets public ones such as
-    ``device_ids`` after ``module``). Private names the model does not have stay on the wrapper.
-    """
+    """Mixin placed before ``nn.Module`` in a wrapper's bases; call :meth:`_drop_in` at the end of ``__init__``:
+    until then every attribute is the wrapper's own (``nn.DataParallel`` sets ``device_ids`` after ``module``).
+    Private names the model does not have stay on the wrapper."""
 
     def _drop_in(self) -> None:
         self._register_state_dict_hook(DropInWrapper._strip_prefix)

@@ -1,7 +1,5 @@
-"""The one reader of ``torch.distributed``'s process-group state; every other module asks here.
-
-Whoever made the default group (our :func:`autoparallel.runtime`, torchrun + the user, ``mp.spawn`` and
-``init_process_group`` as in the PyTorch DDP tutorial, Accelerate), these answers describe it.
+"""The one reader of ``torch.distributed``'s process-group state, whoever made the default group (our
+:func:`autoparallel.runtime`, torchrun, ``mp.spawn`` and ``init_process_group``, Accelerate).
 """
 from __future__ import annotations
 
@@ -66,11 +64,8 @@ TRACE_PREFIX = os.path.join(tempfile.gettempdir(), "autoparallel-nccl-trace", "r
 
 
 def debug_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The settings that turn on torch's NCCL flight recorder and its dump on timeout, where not already set.
-
-    Both names of each setting are given, as torch renamed them (``TORCH_NCCL_*`` to ``TORCH_FR_*``) over
-    versions; a hang then leaves ``<TRACE_PREFIX><rank>`` files that ``torchfrtrace`` reads.
-    """
+    """The settings, where not already set, under which a hang leaves ``<TRACE_PREFIX><rank>`` files from
+    torch's NCCL flight recorder (for ``torchfrtrace``); under both names torch has used for each."""
     wanted = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_FR_BUFFER_SIZE": "2000",
               "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": TRACE_PREFIX,
               "TORCH_FR_DUMP_TEMP_FILE": TRACE_PREFIX}

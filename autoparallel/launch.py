@@ -1,12 +1,10 @@
 """``ap.launch()``: turn ``python script.py`` into a DDP job through torch's own launcher (``torch.distributed.run``).
 
-At the top of a script, ``ap.launch()`` re-runs it as ``python -m torch.distributed.run --standalone
---nproc_per_node=N script.py args`` when DDP is requested, and exits with the job's status; the workers
-find torchrun's variables, so their ``launch()`` returns at once. DDP is requested by, first match wins:
-``nproc``, ``AUTOPARALLEL_NPROC=N`` (also on the CPU, with gloo), ``AUTOPARALLEL_STRATEGY=ddp``, or 2+ GPUs
-(of ``AUTOPARALLEL_DEVICES`` when set). torchrun stops every worker when one fails; a worker's uncaught
-exception goes to torchrun's error file, so its summary names the rank and shows the traceback once.
-``ap.launch(fn, ...)`` runs a function instead (:mod:`autoparallel.spawn`): the notebook form.
+When DDP is requested (first match wins: ``nproc``, ``AUTOPARALLEL_NPROC=N``, also on the CPU with gloo,
+``AUTOPARALLEL_STRATEGY=ddp``, or 2+ GPUs of ``AUTOPARALLEL_DEVICES``), ``ap.launch()`` re-runs the script under
+torchrun and exits with the job's status; in the workers it returns at once, and a worker's uncaught exception
+goes to torchrun's error file, so its summary names the rank. ``ap.launch(fn)`` runs a function instead
+(:mod:`autoparallel.spawn`).
 """
 from __future__ import annotations
 
@@ -134,12 +132,9 @@ def _run(command: list[str], env: dict[str, str]) -> int:
 
 
 def launch(fn: Callable[..., Any] | None = None, *args: Any, nproc: int | None = None, **kwargs: Any) -> Any:
-    """Start the DDP job: ``ap.launch()`` re-runs this script, ``ap.launch(fn, *args, **kwargs)`` runs ``fn``.
-
-    The script form returns at once under a launcher (torchrun, ``accelerate launch``, ``srun``, itself)
-    or when DDP is not requested, else exits with the job's status (:data:`EXIT_RESUMABLE` when its ranks
-    agreed on a stop). The function form returns rank 0's result; with one process it just calls ``fn``.
-    In a notebook only the function form works. ``nproc``: the number of processes (see the module doc).
+    """Start the DDP job: ``ap.launch()`` re-runs this script (not in a notebook) and exits with the job's status
+    (:data:`EXIT_RESUMABLE` when its ranks agreed on a stop), returning at once under a launcher or when DDP is
+    not requested; ``ap.launch(fn, *args, **kwargs)`` returns rank 0's result (one process: just calls ``fn``).
     """
     if fn is not None:
         if not callable(fn):

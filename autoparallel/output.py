@@ -1,16 +1,15 @@
 """Rank-zero output: print, progress bars and a one-time banner, shown once per job rather than per process.
 
-The library itself reports through ``logging.getLogger("autoparallel")`` (its modules log to
-children of it). No handler is attached: when the application has not configured logging, Python's
-last-resort handler prints warnings such as "bf16 asked for on a Tesla T4: using fp16" to stderr, and
-once the application configures logging its settings apply. A ``NullHandler`` would hide exactly the
-messages a zero-config user needs.
+The library itself logs to ``logging.getLogger("autoparallel")`` with no handler attached (not even a
+``NullHandler``): until the application configures logging, Python's last-resort handler prints its
+warnings ("bf16 asked for on a Tesla T4: using fp16") to stderr, which a zero-config user needs to see.
 """
 
 from __future__ import annotations
 
 import builtins
 from collections.abc import Iterable
+from itertools import groupby
 from typing import Any
 
 from tqdm import tqdm
@@ -35,12 +34,8 @@ def progress(iterable: Iterable[Any] | None = None, **tqdm_kwargs: Any) -> tqdm:
 
 
 def _environment(rt: Runtime) -> str:
-    if rt.mode == "cpu":
-        return "NO (CPU)"
-    if rt.mode == "single":
-        return "NO (single GPU)"
-    if rt.mode == "dp":
-        return "MULTI_GPU (DataParallel)"
+    if rt.mode != "ddp":
+        return {"cpu": "NO (CPU)", "single": "NO (single GPU)", "dp": "MULTI_GPU (DataParallel)"}[rt.mode]
     on_gpu = rt.device.type == "cuda"
     multi_node = rt.node_rank > 0 or (on_gpu and rt.world_size > max(rt.num_gpus, 1))
     kind = "MULTI_NODE" if multi_node else "MULTI_GPU" if on_gpu else "MULTI_CPU"
@@ -49,21 +44,13 @@ def _environment(rt: Runtime) -> str:
 
 def _gpu_summary(names: tuple[str, ...], memory_gib: tuple[float, ...]) -> str:
     """``Tesla T4 x2, 15.0 GiB``; different GPUs are listed one group after another, joined by ``+``."""
-    groups: list[list[Any]] = []
-    for name, memory in zip(names, memory_gib):
-        if groups and groups[-1][0] == name and groups[-1][1] == memory:
-            groups[-1][2] += 1
-        else:
-            groups.append([name, memory, 1])
-    return " + ".join(f"{name}{f' x{count}' if count > 1 else ''}, {memory:.1f} GiB" for name, memory, count in groups)
+    groups = [(gpu, len(list(same))) for gpu, same in groupby(zip(names, memory_gib))]
+    return " + ".join(f"{name}{f' x{n}' if n > 1 else ''}, {memory:.1f} GiB" for (name, memory), n in groups)
 
 
 def banner(runtime: Runtime | None = None) -> str:
-    """One line describing the runtime, in the words Accelerate users know.
-
-    Example: ``Distributed environment: MULTI_GPU (DataParallel) | Number of processes: 1 |
-    Number of GPUs: 2 | Tesla T4 x2, 15.0 GiB | mixed precision: fp16`` (one line).
-    """
+    """One line describing the runtime in the words Accelerate users know, such as ``Distributed environment:
+    MULTI_GPU (DataParallel) | Number of processes: 1 | Number of GPUs: 2 | Tesla T4 x2, 15.0 GiB | ...``."""
     rt = runtime if runtime is not None else current_runtime()
     parts = [f"Distributed environment: {_environment(rt)}", f"Number of processes: {rt.num_processes}"]
     if rt.is_distributed:

@@ -1,8 +1,7 @@
-"""``runtime()``: this process's :class:`Runtime`, detected once, and the process group it needs.
+"""``runtime()``: this process's :class:`Runtime`, detected once per process and process group.
 
-The answer is cached per process and per process group: a forked worker, or a script that creates its
-own group after a first call, detects again. Under a launcher the first call joins the group (nccl on
-GPUs, gloo on the CPU, ``env://`` rendezvous, ``AUTOPARALLEL_TIMEOUT``) and registers its destruction at exit.
+Under a launcher the first call joins the process group (nccl on GPUs, gloo on the CPU, ``env://``
+rendezvous, ``AUTOPARALLEL_TIMEOUT``) and registers its destruction at exit.
 """
 from __future__ import annotations
 
@@ -98,13 +97,9 @@ def _warn_unlaunched_nproc(env: Mapping[str, str], rt: Runtime) -> None:
 
 def runtime(strategy: str | None = None, devices: str | Sequence[int] | None = None,
             precision: str | None = None) -> Runtime:
-    """Where this process runs (see :class:`Runtime`); explicit arguments re-detect and replace the cache.
-
-    Args:
-        strategy: ``auto``, ``cpu``, ``single``, ``dp`` or ``ddp``; overrides ``AUTOPARALLEL_STRATEGY``.
-        devices: GPU indices such as ``"0,1"``; overrides ``AUTOPARALLEL_DEVICES``.
-        precision: ``auto``, ``no``/``fp32``, ``fp16`` or ``bf16``; overrides ``AUTOPARALLEL_PRECISION``.
-    """
+    """Where this process runs. ``strategy`` (``auto``, ``cpu``, ``single``, ``dp``, ``ddp``), ``devices`` (``"0,1"``)
+    and ``precision`` (``auto``, ``fp32``, ``fp16``, ``bf16``) override ``AUTOPARALLEL_STRATEGY``, ``_DEVICES`` and
+    ``_PRECISION`` and re-detect, replacing the cached answer."""
     existing = group.current()
     key = (os.getpid(), existing)
     explicit = not (strategy is None and devices is None and precision is None)

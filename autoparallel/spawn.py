@@ -1,11 +1,8 @@
 """``ap.launch(fn)``: run a function as a DDP job from a notebook cell (or any Python), return rank 0's result.
 
-Each of the N processes is forked from this one, so a function defined in a notebook cell needs no
-file; it joins the process group (gloo on the CPU, nccl with one GPU per process), runs
-``fn(*args, **kwargs)`` with ``ap.wrap``, ``ap.loader`` and ``ap.EMA`` seeing the job, and rank 0's return
-value comes back to the caller. A rank that raises ends the job and its traceback is raised here; a rank
-stuck in a collective makes the others fail after ``AUTOPARALLEL_TIMEOUT``. Forking needs CUDA untouched
-in this process (a forked child cannot re-initialise it), which is checked before anything starts.
+The N processes are forked from this one, so a function defined in a cell needs no file; a rank that raises
+ends the job and its traceback is raised here. Forking needs CUDA untouched in this process (a forked child
+cannot re-initialise it), which is checked before anything starts.
 """
 from __future__ import annotations
 

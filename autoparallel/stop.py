@@ -1,15 +1,12 @@
 """Stopping a run cleanly and together: a time budget, SIGTERM, SIGINT or SIGUSR1, agreed by every rank.
 
-A signal handler only sets a flag; :meth:`StopRequest.should_stop`, called by every rank at the same
-step boundaries, combines the flags of all ranks with one small all-reduce on the CPU (a gloo group of
-its own under nccl, so the GPU is never synchronised for it), so all ranks stop at the same optimizer
-step, save, and exit. The all-reduce of one call is read at the next one: a request takes effect one
-check later, and no check waits for the network. Exit with :data:`EXIT_RESUMABLE` to tell a scheduler
-(or a person) that the run stopped early on purpose and can be resumed.
+A signal handler only sets a flag; :meth:`StopRequest.should_stop`, called by every rank at the same step
+boundaries, combines all ranks' flags with a small all-reduce on the CPU (its own gloo group under nccl),
+read at the next call so no check waits for the network: every rank stops at the same step. Exit with
+:data:`EXIT_RESUMABLE` to tell a scheduler the run stopped early on purpose and can be resumed.
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import signal
@@ -23,8 +20,6 @@ import torch.distributed as dist
 
 from . import group
 from .errors import UsageError
-
-logger = logging.getLogger(__name__)
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: "temporary failure, try again", i.e. resume
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
@@ -50,19 +45,10 @@ def parse_duration(text: str | float | int, source: str = "time budget") -> floa
 
 
 class StopRequest:
-    """Collects stop requests (time budget, signals) and tells every rank, together, when to stop.
-
-    Use it as a context manager (or call :meth:`close`) to restore the previous signal handlers. A second
-    SIGINT (Ctrl-C) while a stop is pending interrupts at once, as usual.
-
-    Periodic checkpoints by time are agreed the same way: with ``save_every``, :attr:`save_due` is True on
-    every rank at the same check, once that much time has passed since the last one.
-
-    Args:
-        time_budget: seconds or a duration string (``"11h30m"``); None for no budget.
-        save_every: seconds or a duration between periodic checkpoints; None for none.
-        signals: the signals that request a stop.
-    """
+    """Collects stop requests (``time_budget``, in seconds or as ``"11h30m"``; ``signals``) and tells every rank,
+    together, when to stop; with ``save_every``, :attr:`save_due` is True on every rank at the same check once
+    that much time has passed. Closing it (or its ``with``) restores the signal handlers; a second Ctrl-C
+    interrupts at once."""
 
     def __init__(self, time_budget: str | float | None = None, save_every: str | float | None = None,
                  signals: tuple[int, ...] = SIGNALS) -> None:

@@ -27,18 +27,10 @@ def _wrapped_by_us(model: nn.Module | None) -> bool:
 
 
 def wrap(model: nn.Module, *, runtime: Runtime | None = None, sync_bn: bool = False, **ddp_options: Any) -> nn.Module:
-    """Move ``model`` to the runtime's device and wrap it for the runtime's mode.
-
-    cpu / single GPU: the model itself, moved. dp: our DataParallel. ddp: our DistributedDataParallel
-    wrapper, to which ``ddp_options`` go (``find_unused_parameters``, ``static_graph``,
-    ``gradient_as_bucket_view``, ``broadcast_buffers``, ``bucket_cap_mb``, ...; they are ignored in other
-    modes). Wrapping a wrapped model returns it unchanged.
-
-    Args:
-        model: the module to train; may be ``torch.compile``'d.
-        runtime: where to run; ``autoparallel.runtime()`` when None.
-        sync_bn: convert BatchNorm to SyncBatchNorm (DDP on GPUs only).
-    """
+    """Move ``model`` (maybe ``torch.compile``'d) to the device of ``runtime`` (default ``ap.runtime()``) and wrap
+    it for its mode: the model itself on the CPU or one GPU, our DataParallel, or our DDP wrapper, which takes
+    DistributedDataParallel's options (ignored in other modes) and ``sync_bn`` (SyncBatchNorm, on GPUs).
+    Wrapping a wrapped model returns it unchanged."""
     if _wrapped_by_us(model):
         return model
     if isinstance(model, DistributedDataParallel):
