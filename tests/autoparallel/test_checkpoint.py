@@ -165,7 +165,7 @@ def test_saving_without_the_model_itself_says_what_to_pass_and_writes_nothing(sa
     model = None if given is None else _net().state_dict()
     keeper = CheckpointKeeper(tmp_path)
     save = keeper.save if saving == "keeper" else lambda **kw: save_checkpoint(tmp_path / "c.pt", **kw)
-    with pytest.raises(TypeError, match=r"needs model=<your nn.Module>.*got (NoneType|OrderedDict).*not its state_dict"):
+    with pytest.raises(TypeError, match=r"needs model=<your nn.Module>.*got (NoneType|OrderedDict).*not its"):
         save(model=model, epoch=0)
     assert list(tmp_path.iterdir()) == []
 
