@@ -50,7 +50,7 @@ def process_group_timeout(env: Mapping[str, str]) -> timedelta:
         seconds = float(value) if value else DEFAULT_TIMEOUT_S
     except ValueError:
         seconds = -1.0
-    if seconds <= 0:
+    if not 0 < seconds < float("inf"):  # also refuses nan, which passes a `<= 0` test
         raise UsageError(f"AUTOPARALLEL_TIMEOUT={value!r} is not a positive number of seconds, e.g. 1800")
     return timedelta(seconds=seconds)
 

@@ -281,8 +281,9 @@ def test_slurm_rendezvous_variables_are_derived():
 def test_timeout_from_environment():
     assert process_group_timeout({}) == timedelta(seconds=1800)
     assert process_group_timeout({"AUTOPARALLEL_TIMEOUT": "60"}) == timedelta(seconds=60)
-    with pytest.raises(ValueError, match="AUTOPARALLEL_TIMEOUT='soon' is not a positive number of seconds"):
-        process_group_timeout({"AUTOPARALLEL_TIMEOUT": "soon"})
+    for value in ("soon", "0", "-5", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"AUTOPARALLEL_TIMEOUT='{value}' is not a positive number of seconds"):
+            process_group_timeout({"AUTOPARALLEL_TIMEOUT": value})
 
 
 def test_runtime_is_frozen_and_validated():
