@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -554,16 +556,30 @@ def test_keeper_keeps_last_best_and_the_last_epochs(tmp_path):
         keeper.save(model=model)
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (a fixed number such as 123 may be a live kernel thread)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_save_removes_temporaries_left_by_a_killed_save(tmp_path):
-    stale = tmp_path / ".c.pt.123-deadbeef.tmp"
+    stale = tmp_path / f".c.pt.{_dead_pid()}-deadbeef.tmp"
     stale.write_bytes(b"partial")
     save_checkpoint(tmp_path / "c.pt", model=_net())
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
+def test_a_temporary_of_a_running_process_is_left_alone(tmp_path):
+    live = tmp_path / f".c.pt.{os.getpid()}-deadbeef.tmp"  # perhaps another job saving into this folder now
+    live.write_bytes(b"in progress")
+    save_checkpoint(tmp_path / "c.pt", model=_net())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "c.pt"])
+
+
 def test_a_new_keeper_removes_temporaries_left_by_a_killed_save_before_anything_is_saved(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"kept")  # not a temporary: left alone
-    stale = tmp_path / ".last.pt.123-deadbeef.tmp"
+    stale = tmp_path / f".last.pt.{_dead_pid()}-deadbeef.tmp"
     stale.write_bytes(b"partial" * 1000)
     CheckpointKeeper(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
