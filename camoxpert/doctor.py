@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import autoparallel as ap
+
+from .discover import on_kaggle
 
 KAGGLE_ADVICE = ("On Kaggle: Settings > Accelerator > 'GPU T4 x2' (not 'GPU T4' or 'GPU P100'), then save and "
                  "restart the session; `nvidia-smi --list-gpus` should list 2 GPUs.")
@@ -28,12 +29,12 @@ def check_model(args: argparse.Namespace) -> tuple[str, str]:
     """One to three training steps of CamoXpert (fp16 may skip an overflow step first): parameters must move."""
     if args.model is None:
         return "SKIP", "not asked (--model camoxpert runs one training step of the real model)"
-    from autoparallel.check import local_runtime
-
     from .losses import CODLoss
     from .model import CamoXpert
 
-    rt = local_runtime()
+    # What a plain `python train_ultimate.py` would run on here, with no process group (this is one process).
+    choices = {key: os.environ[key] for key in ("AUTOPARALLEL_DEVICES", "AUTOPARALLEL_PRECISION") if key in os.environ}
+    rt = ap.detect_runtime(env=choices, hardware=ap.Hardware.probe())
     batch = max(2, 2 * len(rt.device_ids))
     model = ap.wrap(CamoXpert(backbone=args.model_backbone, pretrained=False, deep_supervision=True), runtime=rt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -59,8 +60,7 @@ def check_model(args: argparse.Namespace) -> tuple[str, str]:
 
 def advice(environment: dict[str, Any], results: list[Any]) -> list[str]:
     """Kaggle's accelerator setting when the GPUs are missing or fewer than two."""
-    on_kaggle = "KAGGLE_KERNEL_RUN_TYPE" in os.environ or Path("/kaggle/working").is_dir()
-    return [KAGGLE_ADVICE] if on_kaggle and len(environment["gpus"]) < 2 else []
+    return [KAGGLE_ADVICE] if on_kaggle(os.environ) and len(environment["gpus"]) < 2 else []
 
 
 CHECKS = [("model step", check_model)]
