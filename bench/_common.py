@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import cpu_model
 from torch import nn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -58,17 +59,6 @@ def wait_for_quiet(max_load: float | None, timeout_s: float = 1800.0, poll_s: fl
         print(f"[bench] load still {load:.2f} after {timeout_s:.0f} s: measuring anyway (recorded in the JSON)",
               flush=True)
     return load
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo, or platform.processor() elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info() -> dict[str, Any]:

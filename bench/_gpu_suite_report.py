@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from _gpu_suite_plan import paired_speedup
+from _machine import describe_gpus
 
 
 def _items(document: dict) -> dict[str, dict]:
@@ -175,14 +176,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def render_markdown(document: dict) -> str:
     machine = document.get("machine", {})
-    gpus = machine.get("gpus") or []
-    if gpus:
-        gpu = gpus[0]
-        where = (f"{gpu['name']}{f' x{len(gpus)}' if len(gpus) > 1 else ''} (compute capability "
-                 f"{gpu['capability'][0]}.{gpu['capability'][1]}, {gpu['memory_gib']} GiB), CUDA "
-                 f"{machine.get('cuda_build')}, cuDNN {machine.get('cudnn')}")
-    else:
-        where = "no GPU"
+    where = describe_gpus(machine)
     packages = ", ".join(f"{name} {version}" for name, version in machine.get("packages", {}).items() if version)
     missing = ", ".join(name for name, version in machine.get("packages", {}).items() if not version)
     lines = [f"# GPU suite: {where}", "",

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -55,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _gpu_suite_plan import PLAN, Context, Item  # noqa: E402
 from _gpu_suite_report import decision_rows, render_markdown  # noqa: E402
+from _machine import cpu_model, describe_gpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "gpu_suite"
@@ -117,16 +117,6 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def probe_machine(device: str) -> dict:
     """GPUs, versions and packages; torch is asked in a child process (30 s at most)."""
     info: dict = {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
@@ -148,14 +138,7 @@ def probe_machine(device: str) -> dict:
 
 
 def describe_machine(machine: dict) -> str:
-    gpus = machine.get("gpus") or []
-    if gpus:
-        gpu = gpus[0]
-        text = (f"{gpu['name']}{f' x{len(gpus)}' if len(gpus) > 1 else ''} (compute capability "
-                f"{gpu['capability'][0]}.{gpu['capability'][1]}, {gpu['memory_gib']} GiB), "
-                f"CUDA {machine.get('cuda_build')}, cuDNN {machine.get('cudnn')}")
-    else:
-        text = "no GPU"
+    text = describe_gpus(machine)
     return (f"{text}, torch {machine.get('torch', machine.get('torch_error'))}, Python {machine.get('python')}, "
             f"{machine['cpu']} ({machine.get('cpu_affinity') or machine['cpu_count']} cores)")
 
