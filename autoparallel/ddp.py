@@ -211,8 +211,10 @@ class DistributedModel(DropInWrapper, nn.Module):
         except RuntimeError as error:
             if "Expected to have finished reduction in the prior iteration" not in str(error):
                 raise
-            raise UsageError("a parameter got no gradient in the previous step, although every parameter took part "
-                             "in the first one (data-dependent routing such as a top-k mixture of experts?): pass "
+            given = "find_unused_parameters" in self._options  # by the caller; the first step's choice adds none
+            why = ("with find_unused_parameters=False" if given else "although every parameter took part in the "
+                   "first one (data-dependent routing such as a top-k mixture of experts?)")
+            raise UsageError(f"a parameter got no gradient in the previous step, {why}: pass "
                              "find_unused_parameters=True to ap.wrap()") from error
         if self._sync_buffers:
             self._broadcast_buffers()

@@ -270,8 +270,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
                           kaggle_working=kaggle_working, cwd=Path.cwd() if cwd is None else cwd)
     except (ValueError, FileNotFoundError) as error:
         parser.error(for_cli(str(error)))
-    relaunched = environ.get("AUTOPARALLEL_LAUNCHED") == "1"
-    if not relaunched:  # a re-launched worker: the parent printed all this already
+    if job.runtime.launcher != "autoparallel":  # a worker ap.launch() started: the parent printed all this
         ap.print(describe_job(job) + "\n", flush=True)
     if args.dry_run:
         return 0

@@ -8,6 +8,7 @@ start over, which first removes every file an earlier run wrote there, so two ru
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,10 @@ class RunLog:
         if start_epoch and history.is_file():  # its curves start at epoch 1
             records = map(json.loads, history.read_text().splitlines())
             self.records = [record for record in records if record["epoch"] <= start_epoch]
+            # Resumed from an earlier checkpoint (best.pt): the epochs after it are trained again, not repeated.
+            kept = history.with_name(f".{history.name}.{os.getpid()}.tmp")
+            kept.write_text("".join(json.dumps(record) + "\n" for record in self.records))
+            os.replace(kept, history)
         if not curves.available():
             ap.print("note: matplotlib is not installed, so curves.png is not written (pip install matplotlib); "
                      "history.jsonl has the same numbers")

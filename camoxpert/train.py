@@ -190,11 +190,11 @@ class Trainer:
                  f"{self.unfreeze.describe(self.start_epoch)}, lr "
                  + ", ".join(f"{name} {lr:.3g}" for name, lr in self._group_lrs().items()))
 
-    def _scheduler_step(self) -> None:
+    def _scheduler_step(self, skipped: bool) -> None:
         # An overflow step the scaler skipped still advances the schedule (it is indexed by step); torch then
         # warns that optimizer.step() was not called, which is intended here.
         with warnings.catch_warnings():
-            if self.accumulator.last_step_skipped:
+            if skipped:
                 warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
 
@@ -222,7 +222,7 @@ class Trainer:
                           leave=False, dynamic_ncols=True)
         shown = console.BarLoss(bar, rt.device, every_steps=args.log_every, every_s=LOSS_REFRESH_S, show=rt.is_main)
         bar.update(done)
-        started = time.perf_counter()
+        resumed_at, started = done, time.perf_counter()
         for images, masks in itertools.islice(loader, num_micro - done):
             images = images.to(rt.device, non_blocking=True)
             masks = masks.to(rt.device, non_blocking=True)
@@ -244,10 +244,11 @@ class Trainer:
                 clock.advance()
             bar.update(1)
             if self.accumulator.step():
-                self._scheduler_step()
+                step_skipped = self.accumulator.last_step_skipped  # read once: with a scaler it is a host sync
+                self._scheduler_step(step_skipped)
                 self.step += 1
-                skipped += int(self.accumulator.last_step_skipped)
-                if self.ema is not None and not self.accumulator.last_step_skipped:
+                skipped += step_skipped
+                if self.ema is not None and not step_skipped:
                     self.ema.update()
                 shown.after_step(self.step, self.optimizer.param_groups[-1]["lr"], clock and clock.eta())
                 if self._at_step_boundary(epoch, loader, done < num_micro, done, loss_sum, finite_count, skipped):
@@ -263,7 +264,7 @@ class Trainer:
                      f"{skipped} optimizer step(s) were skipped")
         return {"train_loss": loss_total / max(finite_total, 1.0), "nonfinite_losses": nonfinite,
                 "skipped_steps": skipped, "time_s": elapsed,
-                "images_per_s": num_micro * self.loaders[stage].global_batch_size / max(elapsed, 1e-9)}
+                "images_per_s": (num_micro - resumed_at) * loader.global_batch_size / max(elapsed, 1e-9)}
 
     def _at_step_boundary(self, epoch: int, loader: Any, mid_epoch: bool, done: int, loss_sum: torch.Tensor,
                           finite_count: torch.Tensor, skipped: int) -> bool:

@@ -136,6 +136,7 @@ def test_update_communicates_with_nobody(process_group, monkeypatch):
 
     for name in ("broadcast", "all_reduce", "all_gather", "barrier"):
         monkeypatch.setattr(dist, name, refuse)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)  # so a `world size > 1` guard would call one
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     ema = EMA(model, decay=0.5, warmup=False)
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import autoparallel as ap
-from camoxpert import console
+from camoxpert import console, run_dir
 from camoxpert.cli import get_args_parser, main
 from camoxpert.console import describe_batch, epoch_line
 from camoxpert.metrics import METRIC_NAMES
@@ -337,3 +337,18 @@ def test_a_run_killed_after_a_periodic_save_resumes_from_it_exactly(straight_run
                                  ap.unwrap(straight.model).state_dict().items()):
         assert torch.equal(a, b), name
     assert _history(tmp_path) == _history(straight_dir)
+
+
+def test_a_run_resumed_from_an_earlier_epoch_writes_the_epochs_after_it_once(tmp_path):
+    # Resuming from best.pt of epoch 1 in a folder whose history already reached epoch 3: epochs 2 and 3 are
+    # trained again, and history.jsonl must hold each epoch once, as curves.png does.
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps({"epoch": e, "train_loss": 1.0 / e, "val": None}) + "\n" for e in (1, 2, 3)))
+    log = run_dir.RunLog(tmp_path, enabled=True)
+    log.start({"epochs": 3}, start_epoch=1)
+    for epoch in (2, 3):
+        log.add({"epoch": epoch, "train_loss": 0.1, "val": None})
+    lines = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [(r["epoch"], r["train_loss"]) for r in lines] == [(1, 1.0), (2, 0.1), (3, 0.1)]
+    assert [r["epoch"] for r in log.records] == [1, 2, 3]
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -34,10 +34,37 @@ def one_step(rt: ap.Runtime, **options) -> dict:
             "weights_equal": torch.equal(weight_list[0], weight_list[1])}
 
 
+class UnusedHead(nn.Module):
+    """A model one of whose parameters never takes part in the loss (a head left for later)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.unused = nn.Linear(4, 1), nn.Linear(4, 1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.body(inputs)
+
+
+def steps_with_an_unused_parameter(rt: ap.Runtime, **options) -> str:
+    """'trained', or the error of the step DDP refused: the default finds the unused parameter itself."""
+    torch.manual_seed(0)
+    model = ap.wrap(UnusedHead(), runtime=rt, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 4)).square().mean().backward()
+            optimizer.step()
+    except Exception as error:  # the same on both ranks, raised before the step's collectives
+        return f"{type(error).__name__}: {error}"
+    return "trained"
+
+
 def main() -> None:
     rt = ap.runtime()
     result = {"default": one_step(rt), "broadcast_buffers=False": one_step(rt, broadcast_buffers=False),
-              "find_unused_parameters=False": one_step(rt, find_unused_parameters=False)}
+              "unused, default": steps_with_an_unused_parameter(rt),
+              "unused, find_unused_parameters=False": steps_with_an_unused_parameter(rt, find_unused_parameters=False)}
     if rt.is_main:
         emit("RESULT " + json.dumps(result))
 

@@ -126,7 +126,12 @@ def test_ddp_options_given_to_wrap_change_what_ddp_does() -> None:
     # Each rank's running statistics come from its own data: equal only when rank 0's are broadcast.
     assert result["default"] == {"running_means_equal": True, "weights_equal": True}
     assert result["broadcast_buffers=False"] == {"running_means_equal": False, "weights_equal": True}
-    assert result["find_unused_parameters=False"] == {"running_means_equal": True, "weights_equal": True}
+    assert result["unused, default"] == "trained"  # the first step found the unused head
+    # Given by hand, False is what DDP gets: the next step refuses, with the fix named.
+    assert result["unused, find_unused_parameters=False"].startswith("UsageError: a parameter got no gradient"), \
+        result["unused, find_unused_parameters=False"]
+    assert "step, with find_unused_parameters=False: pass find_unused_parameters=True to ap.wrap()" in \
+        result["unused, find_unused_parameters=False"]
 
 
 @pytest.mark.usefixtures("single_process_group")
