@@ -112,6 +112,8 @@ class StopRequest:
             with group.explained("StopRequest.should_stop"):
                 work.wait()
             stop, due = (bool(flag) for flag in flags.tolist())
+            if due:  # before this check's own flags, or they would ask for the same save again
+                self._last_save = time.monotonic()
         flags = torch.tensor(self._local())
         self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flags)
         if stop:

@@ -59,6 +59,20 @@ def test_periodic_saves_fall_due_once_per_interval(clock):
     assert flags == [False, False, True, False, False, True]  # at 12 and 24 minutes: the interval restarts at a save
 
 
+@pytest.mark.usefixtures("single_process_group")
+def test_under_ddp_periodic_saves_fall_due_once_per_interval_one_check_later(clock, monkeypatch):
+    # The distributed path (an all-reduce that each check sends and the next one reads), in a 1-rank group.
+    monkeypatch.setattr(stop_module.group, "is_distributed", lambda: True)
+    with ap.StopRequest(save_every="10m") as stop:
+        flags = []
+        for _ in range(9):  # a check every 4 minutes
+            clock.now += 4 * 60
+            stop.should_stop()
+            flags.append(stop.save_due)
+    # Due at 12 min, agreed at the next check (16); the interval restarts there: due at 28, agreed at 32.
+    assert flags == [False, False, False, True, False, False, False, True, False]
+
+
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
 def test_a_signal_asks_for_a_stop_that_the_next_check_agrees_on(name):
     with ap.StopRequest() as stop:
