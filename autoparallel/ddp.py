@@ -89,7 +89,8 @@ class DistributedModel(DropInWrapper, nn.Module):
         # Plain attributes live in __dict__: nn.Module.__setattr__ would register the DDP instance as a child.
         self.__dict__.update(_device_ids=device_ids, _options=ddp_options, _hooks=[], _ddp=None, _flags=(),
                              _grad_sync=True, _sync_buffers=bool(sync_buffers) and group.world_size() > 1,
-                             _probe=not decided, _params=[], _built_ids=(), _generation=-1, _eval_backward=False)
+                             _probe=not decided, _decided=decided, _params=[], _built_ids=(), _generation=-1,
+                             _eval_backward=False)
         self._drop_in()
         if group.rank() != 0:  # torch's hint about the flag, once per job rather than once per rank
             warnings.filterwarnings("ignore", message=_UNUSED_WARNING)
@@ -202,6 +203,9 @@ class DistributedModel(DropInWrapper, nn.Module):
         self.__dict__["_eval_backward"] = False
         if self._changed():
             logger.info("the model's trainable parameters changed since DDP was built: rebuilding it")
+            if not self._decided:  # the new set of trainable parameters gets its own first-step choice
+                self._options.pop("find_unused_parameters", None)
+                self.__dict__["_probe"] = True
             self._rebuild()
         if self._ddp is None:
             return self.module(*args, **kwargs)
@@ -211,9 +215,8 @@ class DistributedModel(DropInWrapper, nn.Module):
         except RuntimeError as error:
             if "Expected to have finished reduction in the prior iteration" not in str(error):
                 raise
-            given = "find_unused_parameters" in self._options  # by the caller; the first step's choice adds none
-            why = ("with find_unused_parameters=False" if given else "although every parameter took part in the "
-                   "first one (data-dependent routing such as a top-k mixture of experts?)")
+            why = ("with the DDP options given to ap.wrap()" if self._decided else "although every parameter took "
+                   "part in the first one (data-dependent routing such as a top-k mixture of experts?)")
             raise UsageError(f"a parameter got no gradient in the previous step, {why}: pass "
                              "find_unused_parameters=True to ap.wrap()") from error
         if self._sync_buffers:

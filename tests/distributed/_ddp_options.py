@@ -45,13 +45,18 @@ class UnusedHead(nn.Module):
         return self.body(inputs)
 
 
-def steps_with_an_unused_parameter(rt: ap.Runtime, **options) -> str:
-    """'trained', or the error of the step DDP refused: the default finds the unused parameter itself."""
+def steps_with_an_unused_parameter(rt: ap.Runtime, unfreeze_after: int | None = None, **options) -> str:
+    """'trained', or the error of the step DDP refused: the default finds the unused parameter itself. With
+    ``unfreeze_after``, the unused head is frozen for that many steps first (every trainable parameter used)."""
     torch.manual_seed(0)
-    model = ap.wrap(UnusedHead(), runtime=rt, **options)
+    net = UnusedHead()
+    net.unused.requires_grad_(unfreeze_after is None)
+    model = ap.wrap(net, runtime=rt, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     try:
-        for _ in range(3):
+        for step in range(4):
+            if step == unfreeze_after:
+                net.unused.requires_grad_(True)
             optimizer.zero_grad()
             model(torch.randn(4, 4)).square().mean().backward()
             optimizer.step()
@@ -64,7 +69,8 @@ def main() -> None:
     rt = ap.runtime()
     result = {"default": one_step(rt), "broadcast_buffers=False": one_step(rt, broadcast_buffers=False),
               "unused, default": steps_with_an_unused_parameter(rt),
-              "unused, find_unused_parameters=False": steps_with_an_unused_parameter(rt, find_unused_parameters=False)}
+              "unused, find_unused_parameters=False": steps_with_an_unused_parameter(rt, find_unused_parameters=False),
+              "unused head unfrozen later, default": steps_with_an_unused_parameter(rt, unfreeze_after=2)}
     if rt.is_main:
         emit("RESULT " + json.dumps(result))
 

@@ -130,8 +130,10 @@ def test_ddp_options_given_to_wrap_change_what_ddp_does() -> None:
     # Given by hand, False is what DDP gets: the next step refuses, with the fix named.
     assert result["unused, find_unused_parameters=False"].startswith("UsageError: a parameter got no gradient"), \
         result["unused, find_unused_parameters=False"]
-    assert "step, with find_unused_parameters=False: pass find_unused_parameters=True to ap.wrap()" in \
+    assert "step, with the DDP options given to ap.wrap(): pass find_unused_parameters=True" in \
         result["unused, find_unused_parameters=False"]
+    # A head unfrozen after the first step, and never used: the rebuilt DDP makes its own first-step choice.
+    assert result["unused head unfrozen later, default"] == "trained"
 
 
 @pytest.mark.usefixtures("single_process_group")
