@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from camoxpert.backbone import build_backbone, feature_stage_groups
 from camoxpert.decoder import FPNDecoder, HighResolutionPath, upsample_to
-from camoxpert.moe import default_top_k
+from camoxpert.moe import MoEBlock, default_top_k
 
 __all__ = ["MODEL_ARGS", "CamoXpert", "build_model"]
 
@@ -76,6 +76,11 @@ class CamoXpert(nn.Module):
         self._gradient_checkpointing = bool(enable)
         if hasattr(self.backbone, "set_grad_checkpointing"):
             self.backbone.set_grad_checkpointing(bool(enable))
+
+    def leaves_experts_idle(self, device: torch.device) -> bool:
+        """Whether a training step on ``device`` can leave an expert's parameters out of the graph (the gather
+        dispatch runs only the experts some image chose), so that DDP must look for unused parameters every step."""
+        return any(block.dispatch_on(device) == "gather" for block in self.modules() if isinstance(block, MoEBlock))
 
     def backbone_stages(self) -> list[nn.Module]:
         """One module per backbone feature level, deepest first: unfreeze ``stages[:k]`` to train the ``k``

@@ -242,16 +242,19 @@ class MoEBlock(nn.Module):
         selected = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_index, True)
         return weights, probs, selected
 
+    def dispatch_on(self, device: torch.device) -> str:
+        """``"dense"`` or ``"gather"``: what ``dispatch`` means for tensors on ``device``."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        return "gather" if device.type == "cpu" else "dense"
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns the mixed features and this block's balancing loss (0-dim)."""
         weights, probs, selected = self.route(x)
         aux = switch_balancing_loss(probs, selected)
         weights = weights.to(x.dtype)
         mixed = torch.zeros_like(x)
-        dispatch = self.dispatch
-        if dispatch == "auto":
-            dispatch = "gather" if x.device.type == "cpu" else "dense"
-        if dispatch == "dense":
+        if self.dispatch_on(x.device) == "dense":
             for e, expert in enumerate(self.experts):
                 mixed = mixed + weights[:, e].view(-1, 1, 1, 1) * expert(x)
         else:

@@ -87,7 +87,9 @@ class Trainer:
         for key in ("handler", "overwrite", "trust_checkpoint", "time_budget", "save_every"):  # how, not what
             self.config.pop(key, None)
 
-        self.model = ap.wrap(model, runtime=rt)
+        # An expert idle at any step needs find_unused_parameters=True, which a first step may not show (DDP only)
+        ddp_options = {"find_unused_parameters": True} if model.leaves_experts_idle(rt.device) else {}
+        self.model = ap.wrap(model, runtime=rt, **ddp_options)
         self.ema = ap.EMA(self.model, decay=args.ema_decay) if args.use_ema else None
         self.optimizer = torch.optim.AdamW(
             param_groups(model, lr=args.lr, weight_decay=args.weight_decay, backbone_lr_scale=backbone_lr_scale),

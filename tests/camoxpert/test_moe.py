@@ -132,3 +132,16 @@ def test_more_experts_than_types_cycle_through_the_types():
     block = MoEBlock(8, num_experts=9)
     assert [type(e) for e in block.experts][7:] == list(EXPERT_TYPES[:2])
     assert block.top_k == 4
+
+
+def test_the_model_says_when_a_step_can_leave_an_expert_idle():
+    # What train.py tells DDP: the gather dispatch (the CPU's) runs only the chosen experts, dense runs all.
+    from camoxpert.model import CamoXpert
+
+    model = CamoXpert(backbone="resnet18", num_experts=3, pretrained=False)
+    assert model.leaves_experts_idle(torch.device("cpu")) is True
+    assert model.leaves_experts_idle(torch.device("cuda", 0)) is False
+    for block in model.modules():
+        if isinstance(block, MoEBlock):
+            block.dispatch = "gather"
+    assert model.leaves_experts_idle(torch.device("cuda", 0)) is True
