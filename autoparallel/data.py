@@ -209,6 +209,9 @@ def loader(dataset: Dataset, batch_size: int, *, train: bool = True, shuffle: bo
         from .runtime import runtime as current_runtime
 
         runtime = current_runtime()
+    if "generator" in dataloader_kwargs:
+        raise UsageError("loader() draws its shuffle and its workers' seeds from seed= (with the epoch and the rank, "
+                         "so a resumed run repeats them): pass seed=... instead of generator=")
     if isinstance(dataset, IterableDataset):
         raise TypeError("loader() shards map-style datasets (with __len__ and __getitem__); an IterableDataset "
                         "must shard itself by rank: build a torch.utils.data.DataLoader for it directly")

@@ -49,8 +49,10 @@ def _release_reducers() -> None:
 
 
 def _refuse_steps_after_eval_backward(optimizer: Any, *_: Any) -> None:
-    for model in list(_live):
-        if model.__dict__.get("_eval_backward"):
+    flagged = [model for model in list(_live) if model.__dict__.get("_eval_backward")]
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]} if flagged else set()
+    for model in flagged:  # only an optimizer of that model's parameters (a GAN's other optimizer may step)
+        if any(id(p) in stepped for p in model.module.parameters()):
             raise UsageError("an optimizer step on gradients from a forward in eval mode: under DDP eval-mode forwards "
                              "skip gradient synchronisation (so evaluation never waits for other ranks), so these "
                              "gradients differ per rank. Call model.train() before training steps")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
-from autoparallel import Runtime, loader
+from autoparallel import Runtime, UsageError, loader
 
 CPU = Runtime(mode="cpu", device=torch.device("cpu"), device_ids=())
 
@@ -185,3 +185,9 @@ def test_defaults_follow_the_device() -> None:
     assert (on_gpu.pin_memory, on_gpu.persistent_workers) == (True, True)
     evaluation = loader(numbers(8), 2, train=False, runtime=CPU, num_workers=0)
     assert evaluation.drop_last is False
+
+
+def test_a_dataloader_generator_is_refused_with_the_seed_to_pass_instead() -> None:
+    # A DataLoader idiom for reproducible shuffles; here the seed does that job (and survives a resume).
+    with pytest.raises(UsageError, match=r"pass seed=\.\.\. instead of generator="):
+        loader(numbers(8), 4, generator=torch.Generator().manual_seed(3), runtime=CPU)

@@ -145,6 +145,9 @@ def test_an_optimizer_step_on_gradients_of_an_eval_mode_forward_is_refused() -> 
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ap.UsageError, match=r"forward in eval mode.*Call model.train\(\) before training steps"):
         optimizer.step()
+    other = nn.Linear(2, 1)  # another model's optimizer (a GAN's generator while D is in eval mode) may step
+    other(torch.randn(3, 2)).sum().backward()
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     model.train()
     optimizer.zero_grad()
