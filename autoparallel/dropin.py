@@ -23,10 +23,11 @@ def _bump(*_: Any) -> None:
 
 _module_hooks.register_module_parameter_registration_hook(_bump)
 _module_hooks.register_module_module_registration_hook(_bump)
+_module_hooks.register_module_buffer_registration_hook(_bump)  # also `self.buf = tensor`, e.g. inside forward
 
 
 def structure_generation() -> int:
-    """A counter that moves whenever any module registers a parameter or a submodule (``model.fc = ...``), so
+    """A counter that moves whenever any module registers a parameter, buffer or submodule (``model.fc = ...``), so
     wrappers and the EMA notice a changed model without listing its tensors at every step."""
     return _generation[0]
 

@@ -40,15 +40,16 @@ class EMA:
         if self.device is not None:
             self.module.to(self.device)
         self.num_updates = 0
-        self._listed_for: tuple[int, torch.device | None] | None = None
+        self._listed_for: tuple[int, Any, Any] | None = None
         self._averages, self._sources, self._counters, self._counted, self._cast = [], [], [], [], None
 
     def current_decay(self) -> float:
         """The decay of the next update: ``min(decay, 1 - (1 + t) ** -2/3)`` after ``t`` updates with warm-up."""
         return min(self.decay, 1.0 - (1.0 + self.num_updates) ** -_WARMUP_POWER) if self.warmup else self.decay
 
-    def _listing(self) -> tuple[int, torch.device | None]:
-        return structure_generation(), self._sources[0].device if self._sources else None
+    def _listing(self) -> tuple[int, Any, Any]:
+        first = self._sources[0] if self._sources else None  # .to()/.half() replace buffers without a hook
+        return structure_generation(), getattr(first, "device", None), getattr(first, "dtype", None)
 
     def _list_tensors(self) -> None:
         """List the averages, the tensors they follow and the integer buffers; again when the model changes or moves."""

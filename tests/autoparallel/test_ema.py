@@ -223,3 +223,19 @@ def test_structure_change_after_creation_is_reported():
 def test_invalid_decay(decay):
     with pytest.raises(ValueError, match=f"EMA decay must be in \\[0, 1\\], got {decay}"):
         EMA(nn.Linear(1, 1), decay=decay)
+
+
+def test_buffers_replaced_after_the_ema_was_made_are_the_ones_averaged():
+    # `self.buf = tensor` (a module that re-binds a buffer) and .half() (which replaces every buffer) leave the
+    # EMA's listed tensors stale unless it notices: it would go on averaging the old buffers, silently.
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.5, warmup=False)
+    ema.update()
+    model[1].running_mean = torch.full((2,), 4.0)
+    ema.update()
+    assert ema.module[1].running_mean.tolist() == [2.0, 2.0]  # halfway from 0 to the new buffer's 4
+    model.half()
+    with torch.no_grad():
+        model[1].running_mean.fill_(8.0)
+    ema.update()
+    assert ema.module[1].running_mean.tolist() == [5.0, 5.0]  # halfway from 2 to 8: the half model's buffer
