@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint_file, group, statedict
-from .dropin import canonical, unwrap
-from .ema import EMA
+from .dropin import unwrap
+from .ema import prepare_load
 from .errors import CheckpointMismatchError
 
 logger = logging.getLogger(__name__)
@@ -157,27 +157,6 @@ class CheckpointKeeper:
         return _save(self.directory / "last.pt", copies, save_checkpoint_kwargs)
 
 
-def _prepare_ema(ema: Any, checkpoint: Mapping[str, Any], path: Path, strict: bool) -> Callable[[], Any]:
-    state = checkpoint.get("ema")
-    if state is None:
-        logger.warning("checkpoint %s has no EMA weights; the EMA starts from the loaded model weights", path)
-    weights, step = statedict.ema_weights(checkpoint["model"] if state is None else state)
-    target = ema.module if isinstance(ema, EMA) else ema
-    if isinstance(weights, Mapping):  # EMA weights saved without buffers take the model's
-        have = {canonical(key) for key in weights}
-        model_state = {canonical(key): value for key, value in checkpoint["model"].items()}
-        weights = {**weights, **{name: model_state[canonical(name)] for name, _ in target.named_buffers()
-                                 if canonical(name) not in have and canonical(name) in model_state}}
-    matched = statedict.prepare(target, weights, what="EMA", path=path, strict=strict, logger=logger)
-
-    def load() -> None:  # checked above, so what strict=False left out is not reported twice
-        target.load_state_dict(matched, strict=False)
-        if isinstance(ema, EMA):
-            ema.num_updates = 0 if state is None else ema.steps_to_full_decay() if step is None else step
-
-    return load
-
-
 def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any = None, optimizer: Any = None,
                     scheduler: Any = None, scaler: Any = None, loader: Any = None, strict: bool = True,
                     trusted: bool = False, restore_rng: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
@@ -198,7 +177,10 @@ def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any 
         matched = statedict.prepare(target, checkpoint["model"], what="model", path=path, strict=strict, logger=logger)
         actions.append(lambda: target.load_state_dict(matched, strict=False))
     if ema is not None:
-        actions.append(_prepare_ema(ema, checkpoint, path, strict))
+        if checkpoint.get("ema") is None:
+            logger.warning("checkpoint %s has no EMA weights; the EMA starts from the loaded model weights", path)
+        actions.append(prepare_load(ema, checkpoint.get("ema"), path=path, strict=strict,
+                                    model_state=checkpoint["model"]))
     checks = {"optimizer": statedict.check_optimizer, "scheduler": statedict.check_scheduler}
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler), ("loader", loader)):
         state = checkpoint.get(name)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import statedict
-from .dropin import structure_generation, unwrap
+from .dropin import canonical, structure_generation, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,7 @@ class EMA:
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Load :meth:`state_dict` output, an AveragedModel state or a bare state dict (warm-up then counted done)."""
-        weights, step = statedict.ema_weights(state)
-        matched = statedict.prepare(self.module, weights, what="EMA", path="EMA state", strict=strict, logger=logger)
-        self.module.load_state_dict(matched, strict=False)
-        self.num_updates = self.steps_to_full_decay() if step is None else step
+        prepare_load(self, state, path="EMA state", strict=strict)()
 
     def steps_to_full_decay(self) -> int:
         """Updates after which the warm-up has reached ``decay`` (0 without warm-up)."""
@@ -108,3 +105,29 @@ class EMA:
 
     def __repr__(self) -> str:
         return f"EMA(decay={self.decay}, warmup={self.warmup}, num_updates={self.num_updates})"
+
+
+def prepare_load(ema: EMA | nn.Module, state: Any, *, path: Any, strict: bool,
+                 model_state: Mapping[str, Any] | None = None) -> Callable[[], None]:
+    """Validate an EMA state (:meth:`EMA.state_dict`, an AveragedModel's, bare weights) for an :class:`EMA` or a plain
+    module and return what loads it, so a caller can check everything before loading anything. Buffers the weights
+    lack come from ``model_state``; ``state=None`` restarts the EMA from ``model_state``."""
+    weights, step = model_state if state is None else state, None
+    if isinstance(weights, Mapping) and isinstance(weights.get("module"), Mapping) and "step" in weights:
+        weights, step = weights["module"], int(weights["step"])
+    elif isinstance(weights, Mapping) and "n_averaged" in weights:
+        weights, step = {k: v for k, v in weights.items() if k != "n_averaged"}, int(weights["n_averaged"])
+    target = ema.module if isinstance(ema, EMA) else ema
+    if isinstance(weights, Mapping) and model_state is not None:  # EMA weights saved without buffers take the model's
+        have = {canonical(key) for key in weights}
+        model_state = {canonical(key): value for key, value in model_state.items()}
+        weights = {**weights, **{name: model_state[canonical(name)] for name, _ in target.named_buffers()
+                                 if canonical(name) not in have and canonical(name) in model_state}}
+    matched = statedict.prepare(target, weights, what="EMA", path=path, strict=strict, logger=logger)
+
+    def load() -> None:  # checked above, so what strict=False left out is not reported twice
+        target.load_state_dict(matched, strict=False)
+        if isinstance(ema, EMA):
+            ema.num_updates = 0 if state is None else ema.steps_to_full_decay() if step is None else step
+
+    return load

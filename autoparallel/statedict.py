@@ -194,11 +194,3 @@ def interpret(checkpoint: Any, path: Any, format_name: str) -> dict[str, Any]:
     raise CheckpointMismatchError(f"checkpoint {path} holds no model weights I recognise; its top-level keys are "
                                   f"{names(sorted(map(str, checkpoint)))}")
 
-
-def ema_weights(state: Any) -> tuple[Any, int | None]:
-    """(weights, update count or None) of an EMA state: ours, torchvision's AveragedModel, or a bare state dict."""
-    if isinstance(state, Mapping) and isinstance(state.get("module"), Mapping) and "step" in state:
-        return state["module"], int(state["step"])
-    if isinstance(state, Mapping) and "n_averaged" in state:
-        return {k: v for k, v in state.items() if k != "n_averaged"}, int(state["n_averaged"])
-    return state, None
