@@ -1,8 +1,6 @@
 """Portable, safe, atomic checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint` and :class:`CheckpointKeeper`. A
-file is one dict of plain data that ``torch.load(weights_only=True)`` reads: format, version, torch version, the state
-dicts of the unwrapped model (no ``module.`` or ``_orig_mod.``), EMA, optimizer, scheduler, scaler and loader, epoch,
-step, every rank's random states, the ``**extra`` metadata and a digest of it all; what would need pickled code to load
-is refused at save time."""
+file is plain data that ``torch.load(weights_only=True)`` reads: the state dicts of the unwrapped model, EMA, optimizer,
+scheduler, scaler and loader, epoch, step, every rank's random states and ``**extra``; pickled code is refused."""
 from __future__ import annotations
 
 import logging
@@ -21,11 +19,9 @@ from torch import nn
 from . import checkpoint_file, group, statedict
 from .dropin import unwrap
 from .ema import prepare_load
-from .errors import CheckpointMismatchError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME, FORMAT_VERSION = checkpoint_file.FORMAT_NAME, checkpoint_file.FORMAT_VERSION
 PathLike = Union[str, "os.PathLike[str]"]
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 
@@ -64,10 +60,10 @@ def _restore_rng(states: Any, path: Path) -> None:
             torch.cuda.set_rng_state(cuda_state.cpu(), int(index))
 
 
-def _save(path: PathLike, after_write: Callable[[Path], None], arguments: dict[str, Any]) -> Path:
-    """:func:`save_checkpoint` of ``arguments``, with ``after_write(path)`` run by rank 0 once the file is complete."""
-    path, extra = Path(path), dict(arguments)
-    model, epoch, step = (extra.pop(name, None) for name in ("model", "epoch", "step"))
+def _save(path: PathLike, after_write: Callable[[Path], None], /, *, model: Any = None, epoch: Any = None,
+          step: Any = None, **extra: Any) -> Path:
+    """:func:`save_checkpoint`, with ``after_write(path)`` run by rank 0 once the file is complete."""
+    path = Path(path)
     if not isinstance(model, nn.Module):  # on every rank, before any rank waits for another
         raise TypeError(f"saving {path} needs model=<your nn.Module> (wrapped or not), got {type(model).__name__}: "
                         "pass the model itself, not its state_dict()")
@@ -80,8 +76,7 @@ def _save(path: PathLike, after_write: Callable[[Path], None], arguments: dict[s
     error: BaseException | None = None
     if group.rank() == 0:
         try:
-            payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "torch_version": str(torch.__version__),
-                       "model": statedict.clean_state_dict(model),
+            payload = {"model": statedict.clean_state_dict(model),
                        **{name: statedict.plain(None if obj is None else obj.state_dict(), name)
                           for name, obj in objects.items()},
                        "epoch": statedict.plain(epoch, "epoch"), "step": statedict.plain(step, "step"),
@@ -108,8 +103,8 @@ def save_checkpoint(path: PathLike, *, model: nn.Module, ema: Any = None, optimi
     """Call on EVERY rank (rank 0 gathers their random states): saves what a resume needs; rank 0 writes it atomically.
     The model is saved unwrapped; the other objects are anything with ``state_dict()`` (an ``autoparallel.loader``
     resumes mid-epoch); ``**extra`` is metadata such as ``best_iou=0.7``."""
-    return _save(path, lambda _: None, {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler,
-                                        "scaler": scaler, "loader": loader, "epoch": epoch, "step": step, **extra})
+    return _save(path, lambda _: None, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                 loader=loader, epoch=epoch, step=step, **extra)
 
 
 class CheckpointKeeper:
@@ -154,7 +149,7 @@ class CheckpointKeeper:
                 for old in self.epoch_files()[: -self.keep_last]:
                     old.unlink(missing_ok=True)
 
-        return _save(self.directory / "last.pt", copies, save_checkpoint_kwargs)
+        return _save(self.directory / "last.pt", copies, **save_checkpoint_kwargs)
 
 
 def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any = None, optimizer: Any = None,
@@ -166,11 +161,7 @@ def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any 
     the parameters' devices. Returns the saved epoch, step, extra, loader position and format ("autoparallel",
     "tutorial", "state_dict", "model", "lightning" or "raw")."""
     path = Path(path)
-    checkpoint = statedict.interpret(checkpoint_file.read(path, trusted=trusted, map_location=map_location), path,
-                                     FORMAT_NAME)
-    if checkpoint["kind"] == FORMAT_NAME and not 1 <= int(checkpoint.get("version", 0)) <= FORMAT_VERSION:
-        raise CheckpointMismatchError(f"checkpoint {path} has format version {checkpoint.get('version')}; this "
-                                      f"autoparallel reads up to {FORMAT_VERSION}: upgrade autoparallel")
+    checkpoint = statedict.interpret(checkpoint_file.read(path, trusted=trusted, map_location=map_location), path)
     actions: list[Callable[[], Any]] = []
     if model is not None:
         target = unwrap(model)
@@ -182,11 +173,10 @@ def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any 
         actions.append(prepare_load(ema, checkpoint.get("ema"), path=path, strict=strict,
                                     model_state=checkpoint["model"]))
     checks = {"optimizer": statedict.check_optimizer, "scheduler": statedict.check_scheduler}
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler), ("loader", loader)):
-        state = checkpoint.get(name)
+    for name, obj in {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "loader": loader}.items():
         if obj is None or (name == "scaler" and not obj.is_enabled()):
             continue
-        if not state:
+        if not (state := checkpoint.get(name)):
             logger.warning("checkpoint %s has no %s state; the %s starts fresh", path, name, name)
             continue
         if name in checks:

@@ -87,7 +87,8 @@ def _replacing(target: Path) -> Iterator[Path]:
 
 
 def write(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` and its digest to ``path`` atomically, once the file written reads back with that digest."""
+    """Write our format's header, ``payload`` and their digest to ``path`` atomically, once it reads back the same."""
+    payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "torch_version": str(torch.__version__), **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
     needed, digest = _digest(payload)

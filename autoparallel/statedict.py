@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint_file import FORMAT_NAME, FORMAT_VERSION
 from .dropin import canonical, unwrap
 from .errors import CheckpointMismatchError
 
@@ -165,14 +166,17 @@ def plain(value: Any, where: str) -> Any:
                     "str(path)")
 
 
-def interpret(checkpoint: Any, path: Any, format_name: str) -> dict[str, Any]:
+def interpret(checkpoint: Any, path: Any) -> dict[str, Any]:
     """Any supported layout as ours (kind, model, ema, optimizer, ...); entries a layout lacks are left out."""
     if isinstance(checkpoint, nn.Module):  # a whole pickled model (trusted files only)
         checkpoint = {"model": checkpoint.state_dict()}
     if not isinstance(checkpoint, Mapping):
         raise CheckpointMismatchError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not weights")
-    if checkpoint.get("format") == format_name:
-        return {**checkpoint, "kind": format_name}
+    if checkpoint.get("format") == FORMAT_NAME:
+        if not 1 <= int(checkpoint.get("version", 0)) <= FORMAT_VERSION:
+            raise CheckpointMismatchError(f"checkpoint {path} has format version {checkpoint.get('version')}; this "
+                                          f"autoparallel reads up to {FORMAT_VERSION}: upgrade autoparallel")
+        return {**checkpoint, "kind": FORMAT_NAME}
     if checkpoint and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
         return {"model": checkpoint, "kind": "raw"}
     if "pytorch-lightning_version" in checkpoint or "optimizer_states" in checkpoint:
