@@ -94,7 +94,7 @@ def write(path: Path, payload: dict[str, Any]) -> None:
     needed, digest = _digest(payload)
     with _replacing(path) as temporary:
         try:
-            with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
+            with open(temporary, "xb") as handle:  # O_CREAT | O_EXCL
                 torch.save({**payload, "digest": digest}, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
