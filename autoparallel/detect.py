@@ -1,8 +1,7 @@
-"""Where a process runs: :func:`detect_runtime`, a pure function of the request, the environment, the GPUs and the
-process group, so any machine can be simulated. First match wins: arguments, ``AUTOPARALLEL_STRATEGY`` /
-``_DEVICES`` / ``_PRECISION``, an existing process group, a launcher's environment (torchrun, ``accelerate launch``,
-``srun``), the hardware. Asking for what is not there logs what happens instead; an invalid value raises
-:class:`UsageError` naming its source and the choices.
+"""Where a process runs: :func:`detect_runtime`, a pure function of the request, environment, GPUs and process group,
+so any machine can be simulated. First match wins: arguments, ``AUTOPARALLEL_STRATEGY``/``_DEVICES``/``_PRECISION``,
+an existing process group, a launcher's environment (torchrun, ``accelerate launch``, ``srun``), the hardware. What is
+asked for but not there is logged with what happens instead; an invalid value raises :class:`UsageError`.
 """
 from __future__ import annotations
 

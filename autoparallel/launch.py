@@ -145,7 +145,7 @@ def launch(fn: Callable[..., Any] | None = None, *args: Any, nproc: int | None =
     if in_notebook():
         raise UsageError("ap.launch() re-runs the script it is called from, and in a notebook that is the kernel "
                          "itself: put the training in a function and call ap.launch(train) in a cell")
-    explicit = nproc is not None or os.environ.get("AUTOPARALLEL_NPROC", "").strip()  # no torch import needed
+    explicit = nproc is not None or os.environ.get("AUTOPARALLEL_NPROC", "").strip()  # then no GPU count is needed
     count = requested_processes(nproc, os.environ, 0 if explicit else _visible_gpus())
     if count is None:
         return None
