@@ -234,7 +234,7 @@ def parse_devices(value: object, source: str = "devices") -> tuple[int, ...] | N
 
 
 def _fallback(source: str, value: object, found: str, instead: str) -> None:
-    logger.warning("%s asked for, but %s: %s", source if value is None else f"{source}={value}", found, instead)
+    logger.warning("%s=%s asked for, but %s: %s", source, value, found, instead)
 
 
 def _select_gpus(requested: tuple[int, ...] | None, source: str, hardware: Hardware) -> tuple[int, ...]:
