@@ -1,9 +1,7 @@
-"""Where a process runs, as a pure function of the request, the environment, the GPUs and the process group.
-
-:func:`detect_runtime` reads nothing global, so any machine can be simulated. First match wins: arguments,
-``AUTOPARALLEL_STRATEGY`` / ``_DEVICES`` / ``_PRECISION``, an existing process group, a launcher's environment
-(torchrun, ``accelerate launch``, ``srun``), the hardware. Asking for what is not there logs what happens
-instead; an invalid value raises :class:`UsageError` naming its source and the choices.
+"""Where a process runs: :func:`detect_runtime`, a pure function of the request, environment, GPUs and process group,
+so any machine can be simulated. First match wins: arguments, ``AUTOPARALLEL_STRATEGY``/``_DEVICES``/``_PRECISION``,
+an existing process group, a launcher's environment (torchrun, ``accelerate launch``, ``srun``), the hardware. What is
+asked for but not there is logged with what happens instead; an invalid value raises :class:`UsageError`.
 """
 from __future__ import annotations
 
@@ -56,15 +54,19 @@ class Hardware:
     def probe(cls) -> Hardware:
         """The GPUs torch sees in this process. A notebook kernel asks a child process: querying them here
         would initialise the CUDA driver, and processes ``ap.launch(fn)`` forks afterwards could not use it."""
+        found = None
         if in_notebook() and "RANK" not in os.environ and torch.cuda.device_count() and \
                 not torch.cuda.is_initialized():  # device_count() reads NVML, which leaves CUDA untouched
             found = _probe_in_child()
-            if found is not None:
-                return cls(*zip(*found)) if found else cls()
-        props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())] \
-            if torch.cuda.is_available() else []
-        return cls(tuple(p.name for p in props), tuple(round(p.total_memory / 2**30, 2) for p in props),
-                   tuple((p.major, p.minor) for p in props))
+        if found is None:
+            found = [(p.name, round(p.total_memory / 2**30, 2), (p.major, p.minor))
+                     for p in map(torch.cuda.get_device_properties, range(visible_gpus()))]
+        return cls(*zip(*found)) if found else cls()
+
+
+def visible_gpus() -> int:
+    """How many GPUs this process can use (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 _PROBE = ("import json, torch\nprops = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]"
@@ -73,7 +75,6 @@ _PROBE = ("import json, torch\nprops = [torch.cuda.get_device_properties(i) for 
 
 
 def _probe_in_child() -> list[tuple[str, float, tuple[int, int]]] | None:
-    """Name, GiB and capability of each GPU, read by a fresh Python; None (with a warning) when that fails."""
     try:
         done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120,
                               check=True)
@@ -149,11 +150,8 @@ def int_var(env: Mapping[str, str], name: str) -> int | None:
 
 def first_slurm_host(nodelist: str) -> str | None:
     """First host of a SLURM node list (``node[01-04,07],gpu1`` -> ``node01``), without calling scontrol."""
-    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip())
-    if not match or not (match.group(1) or match.group(2)):
-        return None
-    prefix, ranges, suffix = match.groups()
-    return f"{prefix}{ranges.split(',')[0].split('-')[0] if ranges else ''}{suffix}"
+    hosts = re.sub(r"\[([^\],-]*)[^\]]*\]", r"\1", nodelist.strip(), count=1)  # the first range's first number
+    return hosts.split(",")[0] or None
 
 
 def slurm_master_addr(env: Mapping[str, str]) -> str | None:
@@ -213,7 +211,6 @@ def detect_launch(env: Mapping[str, str], group: Group | None = None) -> Launch 
 
 def _choice(value: object, default_source: str, env: Mapping[str, str], variable: str,
             choices: tuple[str, ...]) -> tuple[str, str]:
-    """The requested choice (``auto`` when none) and its source (the argument or the variable), validated."""
     source = default_source if value is not None else variable
     value = value if value is not None else env.get(variable, "").strip() or None
     text = "auto" if value is None else str(value).strip().lower()
@@ -237,8 +234,7 @@ def parse_devices(value: object, source: str = "devices") -> tuple[int, ...] | N
 
 
 def _fallback(source: str, value: object, found: str, instead: str) -> None:
-    """The one shape of every "asked for what is not there" message: the request, what is there, what happens."""
-    logger.warning("%s asked for, but %s: %s", source if value is None else f"{source}={value}", found, instead)
+    logger.warning("%s=%s asked for, but %s: %s", source, value, found, instead)
 
 
 def _select_gpus(requested: tuple[int, ...] | None, source: str, hardware: Hardware) -> tuple[int, ...]:

@@ -1,10 +1,7 @@
-"""``ap.launch()``: turn ``python script.py`` into a DDP job through torch's own launcher (``torch.distributed.run``).
-
-When DDP is requested (first match wins: ``nproc``, ``AUTOPARALLEL_NPROC=N``, also on the CPU with gloo,
-``AUTOPARALLEL_STRATEGY=ddp``, or 2+ GPUs of ``AUTOPARALLEL_DEVICES``), ``ap.launch()`` re-runs the script under
-torchrun and exits with the job's status; in the workers it returns at once, and a worker's uncaught exception
-goes to torchrun's error file, so its summary names the rank. ``ap.launch(fn)`` runs a function instead
-(:mod:`autoparallel.spawn`).
+"""``ap.launch()``: when DDP is requested (:func:`requested_processes`), re-run ``python script.py`` under torch's own
+launcher (``torch.distributed.run``) and exit with the job's status; in the workers it returns at once, and a worker's
+uncaught exception goes to torchrun's error file, so its summary names the rank. ``ap.launch(fn)`` runs a function
+instead (:mod:`autoparallel.spawn`).
 """
 from __future__ import annotations
 
@@ -19,9 +16,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from . import group
 from .detect import in_notebook, parse_devices
+from .detect import visible_gpus as _visible_gpus
 from .errors import UsageError
+from .spawn import run
 from .stop import EXIT_RESUMABLE
 
 __all__ = ["launch", "launch_command", "requested_processes"]
@@ -36,14 +37,10 @@ def _under_launcher(env: Mapping[str, str]) -> bool:
     return tasks.isdigit() and int(tasks) > 1
 
 
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def requested_processes(nproc: int | None, env: Mapping[str, str], gpu_count: int) -> int | None:
-    """How many DDP processes to start, or None to stay one process (pure: any ``env`` and GPU count)."""
+    """How many DDP processes to start, or None to stay one process (pure: any ``env`` and GPU count). First match
+    wins: ``nproc``, ``AUTOPARALLEL_NPROC`` (also on the CPU, with gloo), 2+ GPUs (of ``AUTOPARALLEL_DEVICES``)
+    unless ``AUTOPARALLEL_STRATEGY`` asks for another mode than ddp."""
     if nproc is not None:
         if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
             raise ValueError(f"launch(nproc={nproc!r}) needs a positive number of processes")
@@ -139,10 +136,6 @@ def launch(fn: Callable[..., Any] | None = None, *args: Any, nproc: int | None =
     if fn is not None:
         if not callable(fn):
             raise TypeError(f"ap.launch(fn) needs a function, got {fn!r}; the number of processes is nproc=...")
-        import torch
-
-        from .spawn import run
-
         # device_count() reads NVML, where is_available() would initialise CUDA and break the forked processes
         count = requested_processes(nproc, os.environ, torch.cuda.device_count())
         return fn(*args, **kwargs) if count is None or _under_launcher(os.environ) else run(fn, args, kwargs, count)
@@ -152,7 +145,7 @@ def launch(fn: Callable[..., Any] | None = None, *args: Any, nproc: int | None =
     if in_notebook():
         raise UsageError("ap.launch() re-runs the script it is called from, and in a notebook that is the kernel "
                          "itself: put the training in a function and call ap.launch(train) in a cell")
-    explicit = nproc is not None or os.environ.get("AUTOPARALLEL_NPROC", "").strip()  # no torch import needed
+    explicit = nproc is not None or os.environ.get("AUTOPARALLEL_NPROC", "").strip()  # then no GPU count is needed
     count = requested_processes(nproc, os.environ, 0 if explicit else _visible_gpus())
     if count is None:
         return None

@@ -1,7 +1,6 @@
-"""``runtime()``: this process's :class:`Runtime`, detected once per process and process group.
-
-Under a launcher the first call joins the process group (nccl on GPUs, gloo on the CPU, ``env://``
-rendezvous, ``AUTOPARALLEL_TIMEOUT``) and registers its destruction at exit.
+"""``runtime()``: this process's :class:`Runtime`, detected once per process and process group. Under a launcher
+the first call joins the process group (nccl on GPUs, gloo on the CPU, ``env://`` rendezvous,
+``AUTOPARALLEL_TIMEOUT``) and registers its destruction at exit.
 """
 from __future__ import annotations
 
@@ -13,15 +12,13 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from . import group
 from .detect import Hardware, Runtime, detect_runtime, int_var, slurm_master_addr
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TIMEOUT_S = 1800
-DEFAULT_MASTER_PORT = 29500
 
 _cache: dict[tuple[int, group.Group | None], Runtime] = {}
 _warned_nproc = False
@@ -37,7 +34,7 @@ def distributed_env_defaults(rt: Runtime, env: Mapping[str, str]) -> dict[str, s
         master_addr = "127.0.0.1"
     job_id = int_var(env, "SLURM_JOB_ID")
     # A port derived from the job id keeps two SLURM jobs sharing a node from colliding on 29500.
-    port = DEFAULT_MASTER_PORT if job_id is None or rt.launcher != "slurm" else 10000 + job_id % 20000
+    port = 29500 if job_id is None or rt.launcher != "slurm" else 10000 + job_id % 20000
     wanted = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(port), "RANK": str(rt.rank),
               "WORLD_SIZE": str(rt.world_size), "LOCAL_RANK": str(rt.local_rank)}
     return {key: value for key, value in wanted.items() if not env.get(key)}
@@ -47,7 +44,7 @@ def process_group_timeout(env: Mapping[str, str]) -> timedelta:
     """``AUTOPARALLEL_TIMEOUT`` seconds (default 1800): how long a collective waits for a slow rank."""
     value = env.get("AUTOPARALLEL_TIMEOUT", "").strip()
     try:
-        seconds = float(value) if value else DEFAULT_TIMEOUT_S
+        seconds = float(value) if value else 1800
     except ValueError:
         seconds = -1.0
     if not 0 < seconds < float("inf"):  # also refuses nan, which passes a `<= 0` test
@@ -56,8 +53,6 @@ def process_group_timeout(env: Mapping[str, str]) -> timedelta:
 
 
 def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
     if group.current() is not None:
         # DDP reducers left in reference cycles hold the group and its threads; destroying the group
         # before them sometimes aborted the process ("terminate called without an active exception").
@@ -66,12 +61,9 @@ def _destroy_process_group() -> None:
 
 
 def _join_process_group(rt: Runtime, environ: MutableMapping[str, str]) -> None:
-    import torch.distributed as dist
-
     if not dist.is_available():
         raise UsageError("this torch build has no torch.distributed, which DDP needs: install a standard torch wheel")
-    for key, value in distributed_env_defaults(rt, environ).items():
-        environ[key] = value
+    environ.update(distributed_env_defaults(rt, environ))
     if rt.device.type == "cuda":
         torch.cuda.set_device(rt.device)
     added = group.debug_environment(environ) if rt.backend == "nccl" else {}
@@ -85,32 +77,26 @@ def _join_process_group(rt: Runtime, environ: MutableMapping[str, str]) -> None:
     logger.info("joined process group: rank %d of %d, backend %s", rt.rank, rt.world_size, rt.backend)
 
 
-def _warn_unlaunched_nproc(env: Mapping[str, str], rt: Runtime) -> None:
-    global _warned_nproc
-    if _warned_nproc or rt.is_distributed or env.get("AUTOPARALLEL_NPROC", "").strip() in ("", "1"):
-        return  # 1 asks for the one process this is
-    _warned_nproc = True
-    logger.warning("AUTOPARALLEL_NPROC=%s is set but this script did not start its processes: call ap.launch() at "
-                   "the top of the script (or ap.launch(fn) in a notebook). Running one process",
-                   env["AUTOPARALLEL_NPROC"])
-
-
 def runtime(strategy: str | None = None, devices: str | Sequence[int] | None = None,
             precision: str | None = None) -> Runtime:
     """Where this process runs. ``strategy`` (``auto``, ``cpu``, ``single``, ``dp``, ``ddp``), ``devices`` (``"0,1"``)
     and ``precision`` (``auto``, ``fp32``, ``fp16``, ``bf16``) override ``AUTOPARALLEL_STRATEGY``, ``_DEVICES`` and
     ``_PRECISION`` and re-detect, replacing the cached answer."""
+    global _warned_nproc
     existing = group.current()
     key = (os.getpid(), existing)
-    explicit = not (strategy is None and devices is None and precision is None)
-    if key in _cache and not explicit:
+    if key in _cache and strategy is None and devices is None and precision is None:
         return _cache[key]
     detected = detect_runtime(strategy, devices, precision, env=os.environ, hardware=Hardware.probe(),
                               group=existing)
     if detected.mode == "ddp" and existing is None:
         _join_process_group(detected, os.environ)
         key = (os.getpid(), group.current())
-    _warn_unlaunched_nproc(os.environ, detected)
+    nproc = os.environ.get("AUTOPARALLEL_NPROC", "").strip()
+    if nproc not in ("", "1") and not (_warned_nproc or detected.is_distributed):  # 1 asks for this one process
+        _warned_nproc = True
+        logger.warning("AUTOPARALLEL_NPROC=%s is set but this script did not start its processes: call ap.launch() at "
+                       "the top of the script (or ap.launch(fn) in a notebook). Running one process", nproc)
     _cache.clear()
     _cache[key] = detected
     logger.debug("detected %s", detected)

@@ -1,8 +1,7 @@
-"""``ap.launch(fn)``: run a function as a DDP job from a notebook cell (or any Python), return rank 0's result.
-
-The N processes are forked from this one, so a function defined in a cell needs no file; a rank that raises
-ends the job and its traceback is raised here. Forking needs CUDA untouched in this process (a forked child
-cannot re-initialise it), which is checked before anything starts.
+"""``ap.launch(fn)``: run a function as a DDP job from a notebook cell (or any Python), return rank 0's result. The
+processes are forked from this one, so a function defined in a cell needs no file; a rank that raises ends the job
+and its traceback is raised here. Forking needs CUDA untouched here (a forked child cannot re-initialise it), which
+is checked before anything starts.
 """
 from __future__ import annotations
 
@@ -19,12 +18,6 @@ from . import group
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _cuda_driver_initialised() -> bool:
@@ -65,10 +58,11 @@ def run(fn: Callable[..., Any], args: tuple, kwargs: dict, count: int) -> Any:
                          "torch.cuda.is_available()), and processes forked from it cannot use CUDA. Restart the kernel "
                          "and call ap.launch(fn) before anything touches the GPU: build the model and data inside fn "
                          "(ap.runtime() is safe; so is torch.cuda.is_available() with PYTORCH_NVML_BASED_CUDA_CHECK=1)")
-    import torch.multiprocessing as torch_mp
-
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     results = multiprocessing.get_context(method).SimpleQueue()
     logger.info("starting %d processes (%s) for %s", count, method, getattr(fn, "__name__", fn))
-    torch_mp.start_processes(_worker, args=(fn, args, kwargs, count, _free_port(), results), nprocs=count,
-                             join=True, start_method=method)
+    torch.multiprocessing.start_processes(_worker, args=(fn, args, kwargs, count, port, results), nprocs=count,
+                                          join=True, start_method=method)
     return results.get() if not results.empty() else None
