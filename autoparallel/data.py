@@ -1,17 +1,13 @@
-"""``loader()``: a DataLoader whose ``batch_size`` is the global batch of one micro-step in every mode.
-
-Each of N DDP processes loads ``batch_size // N``, rank ``r`` taking positions ``r, r + N, ...`` of the epoch's
-order (``randperm(seed + epoch)`` or your sampler's), so batches do not depend on how the job was started.
-The loader keeps its place (epoch, batches taken) for a mid-epoch resume; ``train=False`` gives each rank a
-contiguous, unpadded slice in as many batches as every other rank, so gathers never wait and come out in
-dataset order.
-"""
+"""``loader()``: a DataLoader whose ``batch_size`` is the global batch of one micro-step in every mode. Each of N DDP
+processes loads ``batch_size // N``, rank ``r`` taking positions ``r, r + N, ...`` of the epoch's order
+(``randperm(seed + epoch)`` or your sampler's), so batches do not depend on how the job was started. The loader keeps
+its place (epoch, batches taken) for a mid-epoch resume; ``train=False`` gives each rank a contiguous, unpadded slice
+in as many batches as every other rank, so gathers never wait and come out in dataset order."""
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from itertools import accumulate
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,10 +15,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from . import group
 from .collectives import broadcast_object
+from .detect import Runtime
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .detect import Runtime
+from .runtime import runtime as current_runtime
 
 __all__ = ["Loader", "default_num_workers", "loader"]
 
@@ -68,15 +63,13 @@ class EvalBatchSampler(Sampler[list[int]]):
     """Contiguous, unpadded shard of ``range(size)`` cut into as many batches as every other rank's."""
 
     def __init__(self, size: int, num_replicas: int, rank: int, batch_size: int) -> None:
-        base, extra = divmod(size, num_replicas)
-        counts = [base + (r < extra) for r in range(num_replicas)]
-        self.start, mine = sum(counts[:rank]), counts[rank]
-        batches = -(-max(counts) // batch_size) if size else 0
-        if min(counts) > 0:
-            batches = min(batches, min(counts))  # no rank is left with an empty batch it could have filled
-        sizes = [mine // batches + (b < mine % batches) for b in range(batches)] if batches else []
-        ends = list(accumulate(sizes, initial=self.start))
-        self.batches = [list(range(start, end)) for start, end in zip(ends, ends[1:])]
+        base, extra = divmod(size, num_replicas)  # the first `extra` ranks hold one sample more
+        self.start, mine = base * rank + min(rank, extra), base + (rank < extra)
+        # As many batches as the largest shard needs, but no more than the smallest one has samples: no rank is left
+        # with an empty batch it could have filled (with fewer samples than ranks, one batch).
+        batches = min(-(-(base + bool(extra)) // batch_size), base or 1)
+        shard = np.arange(self.start, self.start + mine)
+        self.batches = [chunk.tolist() for chunk in np.array_split(shard, batches)] if batches else []
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter([list(batch) for batch in self.batches])
@@ -205,9 +198,7 @@ def loader(dataset: Dataset, batch_size: int, *, train: bool = True, shuffle: bo
     ``seed`` defaults to the script's torch seed, ``num_workers`` to :func:`default_num_workers`, ``pin_memory``
     to on for a GPU, ``drop_last`` to ``train``; other keyword arguments go to ``DataLoader``."""
     detected = runtime is None
-    if runtime is None:
-        from .runtime import runtime as current_runtime
-
+    if detected:
         runtime = current_runtime()
     if "generator" in dataloader_kwargs:
         raise UsageError("loader() draws its shuffle and its workers' seeds from seed= (with the epoch and the rank, "
