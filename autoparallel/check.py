@@ -1,10 +1,7 @@
-"""Is this machine ready for multi-GPU training? ``python -m autoparallel.check``.
-
-Reports the stack, the GPUs and the runtime autoparallel would pick, then runs what training does (a
-DataParallel step with an uneven split under mixed precision, compared with one device; a DDP all-reduce
-through torchrun), each ending PASS, FAIL or SKIP with its reason. Exit 0: all passed, 1: a check failed,
-2: no GPU. An application adds checks, flags and advice through :func:`main`.
-"""
+"""Is this machine ready for multi-GPU training? ``python -m autoparallel.check`` reports the stack, the GPUs and the
+runtime autoparallel would pick, then runs what training does (a DataParallel step with an uneven split under mixed
+precision, compared with one device; a DDP all-reduce through torchrun), each ending PASS, FAIL or SKIP with its
+reason. Exit 0: all passed, 1: a check failed, 2: no GPU. An application adds checks, flags and advice via main()."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,12 +128,11 @@ def _step(model: nn.Module, probe: nn.Module, images: torch.Tensor, targets: tor
 def check_dataparallel(args: argparse.Namespace) -> tuple[str, str]:
     from .wrap import wrap
 
-    count, precision = gpus(), local_runtime().precision if gpus() else "fp32"
-    device = torch.device("cuda", 0) if count else torch.device("cpu")
+    count = gpus()
+    precision, device = (local_runtime().precision, "cuda:0") if count else ("fp32", "cpu")
     one = Runtime(mode="single" if count else "cpu", device=device, device_ids=(0,) if count else (),
                   precision=precision)
-    spread = Runtime(mode="dp", device=device, device_ids=tuple(range(count)), precision=precision) \
-        if count > 1 else one
+    spread = replace(one, mode="dp", device_ids=tuple(range(count))) if count > 1 else one
     batch = 3 * count - 1 if count > 1 else 5  # chunks of 3, the last one 2: an uneven split on any GPU count
     setting = (f"{count} GPUs, batch {batch}, {precision}" if count > 1 else
                f"1 GPU (no DataParallel), batch 5, {precision}" if count else
