@@ -95,11 +95,8 @@ def barrier() -> None:
     """Waits until every rank reaches this point; returns at once outside DDP."""
     if not group.is_distributed():
         return
-    with group.explained("barrier"):
-        if group.current().backend == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])  # else nccl may guess GPU 0 for this rank
-        else:
-            dist.barrier()
+    with group.explained("barrier"):  # nccl needs this rank's GPU named, or it may guess GPU 0
+        dist.barrier(device_ids=[torch.cuda.current_device()] if group.current().backend == "nccl" else None)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

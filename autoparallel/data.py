@@ -40,17 +40,16 @@ class ShardedSampler(Sampler[int]):
         if self.order is not None and hasattr(self.order, "set_epoch"):
             self.order.set_epoch(epoch)
 
-    def _epoch_order(self) -> list[int]:
-        if self.order is None:
-            if not self.shuffle:
-                return list(range(self.size))
-            return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        if hasattr(self.order, "generator"):  # RandomSampler, WeightedRandomSampler...: the same draw on every rank
-            self.order.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return list(self.order)
-
     def __iter__(self) -> Iterator[int]:
-        indices = self._epoch_order()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # the same draw on every rank
+        if self.order is not None:
+            if hasattr(self.order, "generator"):  # RandomSampler, WeightedRandomSampler...
+                self.order.generator = generator
+            indices = list(self.order)
+        elif self.shuffle:
+            indices = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            indices = list(range(self.size))
         total = self.num_samples * self.num_replicas
         indices = indices[:total] if self.drop_last else (indices * (-(-total // max(1, len(indices)))))[:total]
         return iter(indices[self.rank:total:self.num_replicas][self.start:])
