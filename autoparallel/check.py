@@ -23,9 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import group
+from .collectives import all_gather, all_reduce
 from .detect import Hardware, Runtime, detect_runtime
 from .launch import _visible_gpus as gpus
 from .launch import requested_processes
+from .output import banner
+from .precision import autocast
+from .runtime import runtime
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 Check = Callable[[argparse.Namespace], "tuple[str, str]"]
@@ -50,8 +54,6 @@ def local_runtime() -> Runtime:
 
 def collect_environment() -> dict[str, Any]:
     """Versions, GPUs, the runtime and launch autoparallel would pick, and the debugging knobs, as plain data."""
-    from .output import banner
-
     def attempt(what: Callable[[], Any]) -> Any:  # the report must print even when one part of it fails
         try:
             return what()
@@ -114,8 +116,6 @@ class _Probe(nn.Module):
 
 def _step(model: nn.Module, probe: nn.Module, images: torch.Tensor, targets: torch.Tensor,
           rt: Runtime) -> tuple[float, dict[str, torch.Tensor]]:
-    from .precision import autocast
-
     with autocast(rt):
         output = model(images)
     if output["aux_loss"].dim() != 0:
@@ -126,7 +126,7 @@ def _step(model: nn.Module, probe: nn.Module, images: torch.Tensor, targets: tor
 
 
 def check_dataparallel(args: argparse.Namespace) -> tuple[str, str]:
-    from .wrap import wrap
+    from .wrap import wrap  # looked up per call, so a patched autoparallel.wrap.wrap is the one checked
 
     count = gpus()
     precision, device = (local_runtime().precision, "cuda:0") if count else ("fp32", "cpu")
@@ -191,9 +191,6 @@ def check_ddp(args: argparse.Namespace) -> tuple[str, str]:
 
 def _ddp_worker() -> int:
     """In each process check_ddp starts: an all-reduce and an uneven all-gather."""
-    from .collectives import all_gather, all_reduce
-    from .runtime import runtime
-
     rt = runtime(strategy="ddp")
     summed = all_reduce(torch.full((2**20,), float(rt.rank + 1), device=rt.device))
     gathered = all_gather(torch.full((rt.rank + 1, 2), float(rt.rank), device=rt.device))
