@@ -108,10 +108,8 @@ class Loader(DataLoader):
         self._left_at: int | None = None  # where the last iteration was left (a break), until the next starts
         self._iteration: object | None = None
         super().__init__(dataset, generator=torch.Generator(), **kwargs)
-
-    @property
-    def _epoch_sampler(self) -> ShardedSampler | EvalBatchSampler:
-        return self.batch_sampler if isinstance(self.batch_sampler, EvalBatchSampler) else self.sampler
+        evaluation = isinstance(self.batch_sampler, EvalBatchSampler)
+        self._epoch_sampler: ShardedSampler | EvalBatchSampler = self.batch_sampler if evaluation else self.sampler
 
     def set_epoch(self, epoch: int) -> None:
         """The next iteration is epoch ``epoch``; a pending mid-epoch resume position is kept for that epoch."""
