@@ -35,8 +35,7 @@ __version__ = "0.2.0"
 __all__ = [
     "EMA", "EXIT_RESUMABLE", "CheckpointError", "CheckpointKeeper", "CheckpointMismatchError",
     "CheckpointNotFoundError", "CorruptCheckpointError", "GradientAccumulator", "Hardware", "Runtime", "StopRequest",
-    "UntrustedCheckpointError",
-    "UsageError", "all_gather", "all_reduce", "autocast", "barrier", "broadcast_object", "detect_runtime",
-    "grad_scaler", "is_main_process", "launch", "load_checkpoint", "loader", "parse_duration", "print",
-    "print_banner", "progress", "requested_processes", "runtime", "save_checkpoint", "unwrap", "wrap",
+    "UntrustedCheckpointError", "UsageError", "all_gather", "all_reduce", "autocast", "barrier", "broadcast_object",
+    "detect_runtime", "grad_scaler", "is_main_process", "launch", "load_checkpoint", "loader", "parse_duration",
+    "print", "print_banner", "progress", "requested_processes", "runtime", "save_checkpoint", "unwrap", "wrap",
 ]

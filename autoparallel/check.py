@@ -1,10 +1,7 @@
-"""Is this machine ready for multi-GPU training? ``python -m autoparallel.check``.
-
-Reports the stack, the GPUs and the runtime autoparallel would pick, then runs what training does (a
-DataParallel step with an uneven split under mixed precision, compared with one device; a DDP all-reduce
-through torchrun), each ending PASS, FAIL or SKIP with its reason. Exit 0: all passed, 1: a check failed,
-2: no GPU. An application adds checks, flags and advice through :func:`main`.
-"""
+"""Is this machine ready for multi-GPU training? ``python -m autoparallel.check`` reports the stack, the GPUs and the
+runtime autoparallel would pick, then runs what training does (a DataParallel step with an uneven split under mixed
+precision, compared with one device; a DDP all-reduce through torchrun), each ending PASS, FAIL or SKIP with its
+reason. Exit 0: all passed, 1: a check failed, 2: no GPU. An application adds checks, flags and advice via main()."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,9 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import group
+from .collectives import all_gather, all_reduce
 from .detect import Hardware, Runtime, detect_runtime
 from .launch import _visible_gpus as gpus
 from .launch import requested_processes
+from .output import banner
+from .precision import autocast
+from .runtime import runtime
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 Check = Callable[[argparse.Namespace], "tuple[str, str]"]
@@ -53,8 +54,6 @@ def local_runtime() -> Runtime:
 
 def collect_environment() -> dict[str, Any]:
     """Versions, GPUs, the runtime and launch autoparallel would pick, and the debugging knobs, as plain data."""
-    from .output import banner
-
     def attempt(what: Callable[[], Any]) -> Any:  # the report must print even when one part of it fails
         try:
             return what()
@@ -117,8 +116,6 @@ class _Probe(nn.Module):
 
 def _step(model: nn.Module, probe: nn.Module, images: torch.Tensor, targets: torch.Tensor,
           rt: Runtime) -> tuple[float, dict[str, torch.Tensor]]:
-    from .precision import autocast
-
     with autocast(rt):
         output = model(images)
     if output["aux_loss"].dim() != 0:
@@ -129,14 +126,13 @@ def _step(model: nn.Module, probe: nn.Module, images: torch.Tensor, targets: tor
 
 
 def check_dataparallel(args: argparse.Namespace) -> tuple[str, str]:
-    from .wrap import wrap
+    from .wrap import wrap  # looked up per call, so a patched autoparallel.wrap.wrap is the one checked
 
-    count, precision = gpus(), local_runtime().precision if gpus() else "fp32"
-    device = torch.device("cuda", 0) if count else torch.device("cpu")
+    count = gpus()
+    precision, device = (local_runtime().precision, "cuda:0") if count else ("fp32", "cpu")
     one = Runtime(mode="single" if count else "cpu", device=device, device_ids=(0,) if count else (),
                   precision=precision)
-    spread = Runtime(mode="dp", device=device, device_ids=tuple(range(count)), precision=precision) \
-        if count > 1 else one
+    spread = replace(one, mode="dp", device_ids=tuple(range(count))) if count > 1 else one
     batch = 3 * count - 1 if count > 1 else 5  # chunks of 3, the last one 2: an uneven split on any GPU count
     setting = (f"{count} GPUs, batch {batch}, {precision}" if count > 1 else
                f"1 GPU (no DataParallel), batch 5, {precision}" if count else
@@ -195,9 +191,6 @@ def check_ddp(args: argparse.Namespace) -> tuple[str, str]:
 
 def _ddp_worker() -> int:
     """In each process check_ddp starts: an all-reduce and an uneven all-gather."""
-    from .collectives import all_gather, all_reduce
-    from .runtime import runtime
-
     rt = runtime(strategy="ddp")
     summed = all_reduce(torch.full((2**20,), float(rt.rank + 1), device=rt.device))
     gathered = all_gather(torch.full((rt.rank + 1, 2), float(rt.rank), device=rt.device))

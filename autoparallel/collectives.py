@@ -1,9 +1,7 @@
-"""Gathers and reductions for metrics and coordination, the same in every mode.
-
-``all_gather`` and ``all_reduce`` take tensors, Python numbers (floats as float64, ints as int64) and dicts,
-lists and tuples of them, and return the same structure of detached tensors on the input's device. In one
-process they gather or reduce over that process, so shapes and types match those under DDP.
-"""
+"""Gathers and reductions for metrics and coordination, the same in every mode: ``all_gather`` and ``all_reduce``
+take tensors, Python numbers (floats as float64, ints as int64) and dicts, lists and tuples of them, and return the
+same structure of detached tensors on the input's device (in one process, over that process: shapes and types match
+those under DDP)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -31,12 +29,8 @@ def _tree(value: Any, leaf: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, torch.Tensor):
         return leaf(value)
-    if isinstance(value, bool):
-        return leaf(torch.tensor(value))
-    if isinstance(value, int):
-        return leaf(torch.tensor(value, dtype=torch.int64))
-    if isinstance(value, float):
-        return leaf(torch.tensor(value, dtype=torch.float64))
+    if isinstance(value, (bool, int, float)):  # a bool stays bool, an int is int64
+        return leaf(torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else None))
     raise TypeError(f"all_gather/all_reduce take tensors, Python numbers, and dicts, lists or tuples of them; "
                     f"got {type(value).__name__}: use broadcast_object for other objects")
 
@@ -49,8 +43,7 @@ def _reduce_tensor(tensor: torch.Tensor, op: str) -> torch.Tensor:
         return work.clone()
     work = work.to(group.comm_device(), copy=True)
     with group.explained("all_reduce"):
-        dist.all_reduce(work, op={"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                                  "min": dist.ReduceOp.MIN}[op])
+        dist.all_reduce(work, op=getattr(dist.ReduceOp, "SUM" if op == "mean" else op.upper()))
     if op == "mean":
         work /= group.world_size()  # ReduceOp.AVG exists only on nccl
     return work.to(tensor.device)
@@ -64,32 +57,26 @@ def all_reduce(value: Any, op: str = "sum") -> Any:
     return _tree(value, lambda tensor: _reduce_tensor(tensor, op))
 
 
-def _shape_row(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.dim() > _MAX_DIMS or tensor.dtype not in _DTYPES:
-        raise ValueError(f"all_gather takes tensors of at most {_MAX_DIMS} dimensions with a dtype among "
-                         f"{', '.join(str(d) for d in _DTYPES)}; got shape {tuple(tensor.shape)}, {tensor.dtype}")
-    row = torch.full((_MAX_DIMS + 2,), -1, dtype=torch.int64)
-    row[0], row[1] = tensor.dim(), _DTYPES.index(tensor.dtype)
-    row[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    return row
-
-
 def _gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     work = tensor.detach().reshape(1) if tensor.dim() == 0 else tensor.detach()
     if not group.is_distributed():
         return work
+    if work.dim() > _MAX_DIMS or work.dtype not in _DTYPES:
+        raise ValueError(f"all_gather takes tensors of at most {_MAX_DIMS} dimensions with a dtype among "
+                         f"{', '.join(str(d) for d in _DTYPES)}; got shape {tuple(work.shape)}, {work.dtype}")
     device, world_size = group.comm_device(), group.world_size()
-    row = _shape_row(work).to(device)
+    padding = [-1] * (_MAX_DIMS - work.dim())
+    row = torch.tensor([work.dim(), _DTYPES.index(work.dtype), *work.shape, *padding], device=device)
     rows = [torch.empty_like(row) for _ in range(world_size)]
     with group.explained("all_gather"):
         dist.all_gather(rows, row)
-    rows = [r.cpu() for r in rows]
+    rows = [r.tolist() for r in rows]
     for rank, other in enumerate(rows):  # the same error on every rank, not a hang
-        if not torch.equal(other[:2], rows[0][:2]) or not torch.equal(other[3:], rows[0][3:]):
-            shapes = [(tuple(r[2:2 + int(r[0])].tolist()), str(_DTYPES[int(r[1])])) for r in rows]
+        if other[:2] + other[3:] != rows[0][:2] + rows[0][3:]:
+            shapes = [(tuple(r[2:2 + r[0]]), str(_DTYPES[r[1]])) for r in rows]
             raise ValueError(f"all_gather needs the same dtype and the same sizes after dimension 0 on every "
                              f"rank; rank 0 and rank {rank} differ: (shape, dtype) per rank = {shapes}")
-    sizes = [int(r[2]) for r in rows]
+    sizes = [r[2] for r in rows]
     padded = torch.zeros((max(sizes), *work.shape[1:]), dtype=work.dtype, device=device)
     padded[: work.shape[0]] = work.to(device)
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
@@ -108,11 +95,8 @@ def barrier() -> None:
     """Waits until every rank reaches this point; returns at once outside DDP."""
     if not group.is_distributed():
         return
-    with group.explained("barrier"):
-        if group.current().backend == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])  # else nccl may guess GPU 0 for this rank
-        else:
-            dist.barrier()
+    with group.explained("barrier"):  # nccl needs this rank's GPU named, or it may guess GPU 0
+        dist.barrier(device_ids=[torch.cuda.current_device()] if group.current().backend == "nccl" else None)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -1,17 +1,13 @@
-"""``loader()``: a DataLoader whose ``batch_size`` is the global batch of one micro-step in every mode.
-
-Each of N DDP processes loads ``batch_size // N``, rank ``r`` taking positions ``r, r + N, ...`` of the epoch's
-order (``randperm(seed + epoch)`` or your sampler's), so batches do not depend on how the job was started.
-The loader keeps its place (epoch, batches taken) for a mid-epoch resume; ``train=False`` gives each rank a
-contiguous, unpadded slice in as many batches as every other rank, so gathers never wait and come out in
-dataset order.
-"""
+"""``loader()``: a DataLoader whose ``batch_size`` is the global batch of one micro-step in every mode. Each of N DDP
+processes loads ``batch_size // N``, rank ``r`` taking positions ``r, r + N, ...`` of the epoch's order
+(``randperm(seed + epoch)`` or your sampler's), so batches do not depend on how the job was started. The loader keeps
+its place (epoch, batches taken) for a mid-epoch resume; ``train=False`` gives each rank a contiguous, unpadded slice
+in as many batches as every other rank, so gathers never wait and come out in dataset order."""
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from itertools import accumulate
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,10 +15,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from . import group
 from .collectives import broadcast_object
+from .detect import Runtime
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .detect import Runtime
+from .runtime import runtime as current_runtime
 
 __all__ = ["Loader", "default_num_workers", "loader"]
 
@@ -45,17 +40,16 @@ class ShardedSampler(Sampler[int]):
         if self.order is not None and hasattr(self.order, "set_epoch"):
             self.order.set_epoch(epoch)
 
-    def _epoch_order(self) -> list[int]:
-        if self.order is None:
-            if not self.shuffle:
-                return list(range(self.size))
-            return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        if hasattr(self.order, "generator"):  # RandomSampler, WeightedRandomSampler...: the same draw on every rank
-            self.order.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return list(self.order)
-
     def __iter__(self) -> Iterator[int]:
-        indices = self._epoch_order()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # the same draw on every rank
+        if self.order is not None:
+            if hasattr(self.order, "generator"):  # RandomSampler, WeightedRandomSampler...
+                self.order.generator = generator
+            indices = list(self.order)
+        elif self.shuffle:
+            indices = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            indices = list(range(self.size))
         total = self.num_samples * self.num_replicas
         indices = indices[:total] if self.drop_last else (indices * (-(-total // max(1, len(indices)))))[:total]
         return iter(indices[self.rank:total:self.num_replicas][self.start:])
@@ -68,15 +62,13 @@ class EvalBatchSampler(Sampler[list[int]]):
     """Contiguous, unpadded shard of ``range(size)`` cut into as many batches as every other rank's."""
 
     def __init__(self, size: int, num_replicas: int, rank: int, batch_size: int) -> None:
-        base, extra = divmod(size, num_replicas)
-        counts = [base + (r < extra) for r in range(num_replicas)]
-        self.start, mine = sum(counts[:rank]), counts[rank]
-        batches = -(-max(counts) // batch_size) if size else 0
-        if min(counts) > 0:
-            batches = min(batches, min(counts))  # no rank is left with an empty batch it could have filled
-        sizes = [mine // batches + (b < mine % batches) for b in range(batches)] if batches else []
-        ends = list(accumulate(sizes, initial=self.start))
-        self.batches = [list(range(start, end)) for start, end in zip(ends, ends[1:])]
+        base, extra = divmod(size, num_replicas)  # the first `extra` ranks hold one sample more
+        self.start, mine = base * rank + min(rank, extra), base + (rank < extra)
+        # As many batches as the largest shard needs, but no more than the smallest one has samples: no rank is left
+        # with an empty batch it could have filled (with fewer samples than ranks, one batch).
+        batches = min(-(-(base + bool(extra)) // batch_size), base or 1)
+        shard = np.arange(self.start, self.start + mine)
+        self.batches = [chunk.tolist() for chunk in np.array_split(shard, batches)] if batches else []
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter([list(batch) for batch in self.batches])
@@ -116,10 +108,8 @@ class Loader(DataLoader):
         self._left_at: int | None = None  # where the last iteration was left (a break), until the next starts
         self._iteration: object | None = None
         super().__init__(dataset, generator=torch.Generator(), **kwargs)
-
-    @property
-    def _epoch_sampler(self) -> ShardedSampler | EvalBatchSampler:
-        return self.batch_sampler if isinstance(self.batch_sampler, EvalBatchSampler) else self.sampler
+        evaluation = isinstance(self.batch_sampler, EvalBatchSampler)
+        self._epoch_sampler: ShardedSampler | EvalBatchSampler = self.batch_sampler if evaluation else self.sampler
 
     def set_epoch(self, epoch: int) -> None:
         """The next iteration is epoch ``epoch``; a pending mid-epoch resume position is kept for that epoch."""
@@ -205,9 +195,7 @@ def loader(dataset: Dataset, batch_size: int, *, train: bool = True, shuffle: bo
     ``seed`` defaults to the script's torch seed, ``num_workers`` to :func:`default_num_workers`, ``pin_memory``
     to on for a GPU, ``drop_last`` to ``train``; other keyword arguments go to ``DataLoader``."""
     detected = runtime is None
-    if runtime is None:
-        from .runtime import runtime as current_runtime
-
+    if detected:
         runtime = current_runtime()
     if "generator" in dataloader_kwargs:
         raise UsageError("loader() draws its shuffle and its workers' seeds from seed= (with the epoch and the rank, "

@@ -1,8 +1,5 @@
-"""The errors autoparallel raises for a problem with the caller's input, files or environment.
-
-Each message names the value, where it came from and the fix, so a script can print ``str(error)``
-alone (no traceback) and exit: :class:`UsageError` is never raised for a bug in autoparallel itself.
-"""
+"""The errors autoparallel raises for a problem with the caller's input, files or environment, never for its own bug:
+each message names the value, where it came from and the fix, so a script can print ``str(error)`` alone and exit."""
 from __future__ import annotations
 
 

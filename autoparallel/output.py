@@ -1,10 +1,7 @@
 """Rank-zero output: print, progress bars and a one-time banner, shown once per job rather than per process.
-
-The library itself logs to ``logging.getLogger("autoparallel")`` with no handler attached (not even a
-``NullHandler``): until the application configures logging, Python's last-resort handler prints its
-warnings ("bf16 asked for on a Tesla T4: using fp16") to stderr, which a zero-config user needs to see.
-"""
-
+The library logs to ``logging.getLogger("autoparallel")`` with no handler (not even a ``NullHandler``): until the
+application configures logging, Python's last-resort handler prints its warnings ("bf16 asked for on a Tesla T4: using
+fp16") to stderr, which a zero-config user needs to see."""
 from __future__ import annotations
 
 import builtins
@@ -42,12 +39,6 @@ def _environment(rt: Runtime) -> str:
     return f"{kind} (DistributedDataParallel)"
 
 
-def _gpu_summary(names: tuple[str, ...], memory_gib: tuple[float, ...]) -> str:
-    """``Tesla T4 x2, 15.0 GiB``; different GPUs are listed one group after another, joined by ``+``."""
-    groups = [(gpu, len(list(same))) for gpu, same in groupby(zip(names, memory_gib))]
-    return " + ".join(f"{name}{f' x{n}' if n > 1 else ''}, {memory:.1f} GiB" for (name, memory), n in groups)
-
-
 def banner(runtime: Runtime | None = None) -> str:
     """One line describing the runtime in the words Accelerate users know, such as ``Distributed environment:
     MULTI_GPU (DataParallel) | Number of processes: 1 | Number of GPUs: 2 | Tesla T4 x2, 15.0 GiB | ...``."""
@@ -56,8 +47,10 @@ def banner(runtime: Runtime | None = None) -> str:
     if rt.is_distributed:
         parts += [f"Process index: {rt.rank}", f"Local process index: {rt.local_rank}"]
     parts.append(f"Number of GPUs: {rt.num_gpus}")
-    if rt.gpu_names:
-        parts.append(_gpu_summary(rt.gpu_names, rt.gpu_memory_gib))
+    if rt.gpu_names:  # "Tesla T4 x2, 15.0 GiB"; different GPUs one group after another, joined by " + "
+        groups = [(gpu, len(list(same))) for gpu, same in groupby(zip(rt.gpu_names, rt.gpu_memory_gib))]
+        parts.append(" + ".join(f"{name}{f' x{n}' if n > 1 else ''}, {memory:.1f} GiB"
+                                for (name, memory), n in groups))
     if rt.is_distributed:
         parts.append(f"Backend: {rt.backend}")
     parts.append(f"mixed precision: {'no' if rt.precision == 'fp32' else rt.precision}")
@@ -67,9 +60,8 @@ def banner(runtime: Runtime | None = None) -> str:
 def print_banner(runtime: Runtime | None = None) -> None:
     """Print :func:`banner` once per process, on the main process only; later calls do nothing."""
     global _banner_printed
-    if _banner_printed:
-        return
-    rt = runtime if runtime is not None else current_runtime()
-    _banner_printed = True
-    if rt.is_main:
-        builtins.print(banner(rt), flush=True)
+    if not _banner_printed:
+        rt = runtime if runtime is not None else current_runtime()
+        _banner_printed = True
+        if rt.is_main:
+            builtins.print(banner(rt), flush=True)

@@ -1,7 +1,5 @@
 """Mixed precision for the runtime: the autocast to enter and the GradScaler, so a loop reads the same in every mode.
-
-The choice (bf16 on Ampere or newer, fp16 below, fp32 on the CPU) is made once by ``runtime()``.
-"""
+The choice (bf16 on Ampere or newer, fp16 below, fp32 on the CPU) is made once by ``runtime()``."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
@@ -17,10 +15,8 @@ def autocast(runtime: Runtime | None = None) -> AbstractContextManager:
     """The autocast context for the runtime's precision; a no-op for fp32, and on the CPU for fp16 (which
     would need a GradScaler). bf16 on the CPU, slower than fp32 on most CPUs, runs only when asked for."""
     rt = runtime if runtime is not None else current_runtime()
-    if rt.precision == "fp32":
+    if rt.precision == "fp32" or (rt.device.type == "cpu" and rt.precision == "fp16"):
         return nullcontext()
-    if rt.device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16) if rt.precision == "bf16" else nullcontext()
     return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
 
 

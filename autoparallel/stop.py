@@ -1,10 +1,8 @@
-"""Stopping a run cleanly and together: a time budget, SIGTERM, SIGINT or SIGUSR1, agreed by every rank.
-
-A signal handler only sets a flag; :meth:`StopRequest.should_stop`, called by every rank at the same step
-boundaries, combines all ranks' flags with a small all-reduce on the CPU (its own gloo group under nccl),
-read at the next call so no check waits for the network: every rank stops at the same step. Exit with
-:data:`EXIT_RESUMABLE` to tell a scheduler the run stopped early on purpose and can be resumed.
-"""
+"""Stopping a run cleanly and together: a time budget, SIGTERM, SIGINT or SIGUSR1, agreed by every rank. A signal
+handler only sets a flag; :meth:`StopRequest.should_stop`, called by every rank at the same step boundaries, combines
+all ranks' flags with a small all-reduce on the CPU (its own gloo group under nccl), read at the next call so no check
+waits for the network: every rank stops at the same step. Exit with :data:`EXIT_RESUMABLE` to tell a scheduler the
+run stopped early on purpose and can be resumed."""
 from __future__ import annotations
 
 import os
@@ -28,17 +26,15 @@ _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 def parse_duration(text: str | float | int, source: str = "time budget") -> float:
     """Seconds in ``"11h30m"``, ``"90m"``, ``"45s"``, ``"1.5h"`` or plain seconds (``"3600"``, ``3600``)."""
+    value = str(text).strip().lower()
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text)
+    elif re.fullmatch(r"\d+(?:\.\d+)?", value):
+        seconds = float(value)
+    elif re.fullmatch(r"(\s*\d+(?:\.\d+)?\s*[dhms])+\s*", value):
+        seconds = sum(float(number) * _UNITS[unit] for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", value))
     else:
-        value = str(text).strip().lower()
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", value)
-        if re.fullmatch(r"\d+(?:\.\d+)?", value):
-            seconds = float(value)
-        elif parts and re.fullmatch(r"(\s*\d+(?:\.\d+)?\s*[dhms])+\s*", value):
-            seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
-        else:
-            seconds = -1.0
+        seconds = -1.0
     if not seconds > 0:
         raise UsageError(f"{source} {text!r} is not a duration: use e.g. 11h30m, 90m, 45s or seconds such as 3600")
     return seconds
