@@ -25,7 +25,7 @@ from torch import nn
 from . import group
 from .collectives import all_gather, all_reduce
 from .detect import Hardware, Runtime, detect_runtime
-from .launch import _visible_gpus as gpus
+from .detect import visible_gpus as gpus
 from .launch import requested_processes
 from .output import banner
 from .precision import autocast
