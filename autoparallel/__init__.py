@@ -10,7 +10,7 @@ Everything a script needs is exported here. Beyond it, ``autoparallel.check`` is
 from __future__ import annotations
 
 from .accumulate import GradientAccumulator
-from .checkpoint import CheckpointKeeper, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointKeeper, load_checkpoint, read_checkpoint, save_checkpoint
 from .collectives import all_gather, all_reduce, barrier, broadcast_object
 from .data import loader
 from .detect import Hardware, Runtime, detect_runtime
@@ -37,5 +37,6 @@ __all__ = [
     "CheckpointNotFoundError", "CorruptCheckpointError", "GradientAccumulator", "Hardware", "Runtime", "StopRequest",
     "UntrustedCheckpointError", "UsageError", "all_gather", "all_reduce", "autocast", "barrier", "broadcast_object",
     "detect_runtime", "grad_scaler", "is_main_process", "launch", "load_checkpoint", "loader", "parse_duration",
-    "print", "print_banner", "progress", "requested_processes", "runtime", "save_checkpoint", "unwrap", "wrap",
+    "print", "print_banner", "progress", "read_checkpoint", "requested_processes", "runtime", "save_checkpoint",
+    "unwrap", "wrap",
 ]

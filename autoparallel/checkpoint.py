@@ -152,16 +152,29 @@ class CheckpointKeeper:
         return _save(self.directory / "last.pt", copies, **save_checkpoint_kwargs)
 
 
-def load_checkpoint(path: PathLike, *, model: nn.Module | None = None, ema: Any = None, optimizer: Any = None,
-                    scheduler: Any = None, scaler: Any = None, loader: Any = None, strict: bool = True,
-                    trusted: bool = False, restore_rng: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read and verify a checkpoint once, in our layout whatever its own: its ``extra`` can say how to build the model,
+    and :func:`load_checkpoint` takes the result in place of the path, without reading the file again."""
+    path = Path(path)
+    checkpoint = checkpoint_file.read(path, trusted=trusted, map_location=map_location)
+    return {**statedict.interpret(checkpoint, path), "path": path}
+
+
+def load_checkpoint(path: PathLike | Mapping[str, Any], *, model: nn.Module | None = None, ema: Any = None,
+                    optimizer: Any = None, scheduler: Any = None, scaler: Any = None, loader: Any = None,
+                    strict: bool = True, trusted: bool = False, restore_rng: bool = False,
+                    map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint of ours or of a common tool into the objects given, after validating all of them. ``ema`` is an
     :class:`EMA` or a plain module; ``strict=False`` loads what matches (something must); ``trusted=True`` allows
     pickled objects, which can run arbitrary code. Tensors are read to the CPU, since ``load_state_dict`` copies them to
     the parameters' devices. Returns the saved epoch, step, extra, loader position and format ("autoparallel",
-    "tutorial", "state_dict", "model", "lightning" or "raw")."""
-    path = Path(path)
-    checkpoint = statedict.interpret(checkpoint_file.read(path, trusted=trusted, map_location=map_location), path)
+    "tutorial", "state_dict", "model", "lightning" or "raw"). ``path`` may be what :func:`read_checkpoint` returned."""
+    if not isinstance(path, Mapping):
+        path = read_checkpoint(path, trusted=trusted, map_location=map_location)
+    if not isinstance(path.get("path"), Path):
+        raise TypeError("load_checkpoint takes a file path or what read_checkpoint(path) returned, not a state dict: "
+                        "save it with save_checkpoint or torch.save, then pass the file's path")
+    checkpoint, path = path, path["path"]
     actions: list[Callable[[], Any]] = []
     if model is not None:
         target = unwrap(model)

@@ -81,12 +81,9 @@ def score(model: nn.Module, loader: Any, dataset: EvalDataset, rt: ap.Runtime,
 # --- checkpoints for inference ------------------------------------------------------------------------------
 
 
-def _checkpoint_config(args: argparse.Namespace) -> dict[str, Any]:
+def _checkpoint_config(args: argparse.Namespace, checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The training configuration saved in the checkpoint, overridden by the model flags given here."""
-    # The model must exist before load_checkpoint can fill it, and its architecture is in the checkpoint, so
-    # the file is read twice: here for its arguments, then for the weights.
-    info = ap.load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
-    saved = info["extra"].get("args") or {}
+    saved = (checkpoint.get("extra") or {}).get("args") or {}
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved  # a trusted legacy file's Namespace
     config = {key: saved.get(key) for key in (*MODEL_ARGS, "dataset_path", "val_fraction", "seed", "use_ema")}
     for key in MODEL_ARGS:
@@ -121,11 +118,12 @@ def load_for_inference(args: argparse.Namespace) -> tuple[nn.Module, ap.Runtime,
     """
     rt = runtime_from_args(args)
     ap.print_banner(rt)
-    config = _checkpoint_config(args)
+    checkpoint = ap.read_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)  # the model is built from it
+    config = _checkpoint_config(args, checkpoint)
     model = build_model(config).to(rt.device)
     use_ema = args.weights == "ema" or (args.weights == "auto" and bool(config.get("use_ema")))
     ema = ap.EMA(model, decay=0.0, warmup=False) if use_ema else None
-    ap.load_checkpoint(args.checkpoint, model=model, ema=ema, trusted=args.trust_checkpoint)
+    ap.load_checkpoint(checkpoint, model=model, ema=ema)
     weights = "ema" if use_ema else "model"
     module = ema.module if ema is not None else model
     ap.print(f"loaded {weights} weights of {args.checkpoint} ({config['backbone']}, {config['num_experts']} experts, "

@@ -177,6 +177,19 @@ def test_load_without_objects_returns_metadata(tmp_path):
     assert info == {"epoch": 2, "step": 7, "extra": {"best_iou": 0.5}, "loader": None, "format": "autoparallel"}
 
 
+def test_read_checkpoint_once_then_load_what_was_read(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", model=_net(1), epoch=3, args={"width": 4})
+    checkpoint = ap.read_checkpoint(tmp_path / "c.pt")
+    assert checkpoint["extra"] == {"args": {"width": 4}}  # enough to build the model before loading it
+    (tmp_path / "c.pt").unlink()  # loading what was read needs the file no more
+    model = _net(0)
+    assert load_checkpoint(checkpoint, model=model)["epoch"] == 3
+    for name, value in _net(1).state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    with pytest.raises(TypeError, match="file path or what read_checkpoint.*not a state dict"):
+        load_checkpoint(_net(1).state_dict(), model=model)
+
+
 def test_restore_rng_replays_python_numpy_and_torch(tmp_path):
     random.seed(1)
     np.random.seed(1)

@@ -278,6 +278,20 @@ def test_under_ddp_a_user_error_is_printed_once_and_exits_2(data, tmp_path):
     assert "trust" not in last  # garbage is not a legacy file worth trusting
 
 
+def test_evaluate_reads_the_checkpoint_once(first_run, tmp_path, monkeypatch):
+    folder, _ = first_run
+    reads, load = [], torch.load
+
+    def counted_load(file, *args, **kwargs):
+        reads.append(str(file))
+        return load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted_load)
+    assert main(["evaluate", "--checkpoint", str(folder / "best.pt"), "--num-workers", "0", "--device", "cpu",
+                 "--output", str(tmp_path / "m.json")]) == 0
+    assert reads.count(str(folder / "best.pt")) == 1  # the model is built from the same read as its weights
+
+
 def test_library_fixes_are_named_as_flags(first_run, data, tmp_path, capsys):
     folder, _ = first_run
     legacy = tmp_path / "best_model.pth"
