@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .dataparallel import DataParallel
 from .ddp import DistributedModel
 from .detect import Runtime
-from .dropin import inner, unwrap
+from .dropin import layers, unwrap
 from .errors import UsageError
 
 __all__ = ["unwrap", "wrap"]
@@ -18,20 +18,12 @@ __all__ = ["unwrap", "wrap"]
 logger = logging.getLogger(__name__)
 
 
-def _wrapped_by_us(model: nn.Module | None) -> bool:
-    while model is not None:
-        if getattr(type(model), "_autoparallel_wrapper", False):
-            return True
-        model = inner(model)
-    return False
-
-
 def wrap(model: nn.Module, *, runtime: Runtime | None = None, sync_bn: bool = False, **ddp_options: Any) -> nn.Module:
     """Move ``model`` (maybe ``torch.compile``'d) to the device of ``runtime`` (default ``ap.runtime()``) and wrap
     it for its mode: the model itself on the CPU or one GPU, our DataParallel, or our DDP wrapper, which takes
     DistributedDataParallel's options (ignored in other modes) and ``sync_bn`` (SyncBatchNorm, on GPUs).
     Wrapping a wrapped model returns it unchanged."""
-    if _wrapped_by_us(model):
+    if any(getattr(type(layer), "_autoparallel_wrapper", False) for layer in layers(model)):
         return model
     if isinstance(model, DistributedDataParallel):
         raise UsageError("wrap() got a model already wrapped in DistributedDataParallel, whose gradient hooks would "
