@@ -1,12 +1,6 @@
-"""Our ``nn.DataParallel``: a drop-in for the model, whose outputs come back with their one-GPU values.
-
-:func:`merge_outputs`, at any depth of what ``forward`` returns: tensors with a batch dimension are
-concatenated; a 0-dim float (tensor or Python) is a mean weighted by each replica's batch share, a 0-dim
-integer a count (summed), a bool true when any replica's is; dicts, sequences, namedtuples and dataclasses
-merge field by field; strings and None must agree; anything else is refused with the fix. The model's own
-``dim``, ``device_ids`` and ``output_device`` win over DataParallel's, and replicas run under the caller's
-autocast dtype (torch's worker threads would fall back to fp16 under bf16).
-"""
+"""Our ``nn.DataParallel``: a drop-in for the model, whose outputs come back with their one-GPU values
+(:func:`merge_outputs`). The model's own ``dim``, ``device_ids`` and ``output_device`` win over DataParallel's,
+and replicas run under the caller's autocast dtype (torch's worker threads would fall back to fp16 under bf16)."""
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +61,10 @@ def _merge_scalars(values: Sequence[torch.Tensor], weights: Sequence[float], dev
 def merge_outputs(outputs: Sequence[Any], split_sizes: Sequence[int] | None,
                   gather_tensors: Callable[[list[torch.Tensor]], torch.Tensor],
                   device: torch.device | None = None) -> Any:
-    """One output from one per replica, by the rule of the module docstring."""
+    """One output from one per replica, at any depth: tensors with a batch dimension are concatenated; a 0-dim
+    float (tensor or Python) is a mean weighted by each replica's batch share, a 0-dim integer a count (summed), a
+    bool true when any replica's is; dicts, sequences, namedtuples and dataclasses merge field by field; strings
+    and None must agree; anything else is refused with the fix."""
     weights = list(split_sizes) if split_sizes is not None else [1] * len(outputs)
     if len(weights) != len(outputs):
         raise ValueError(f"DataParallel got {len(outputs)} replica outputs but {len(weights)} batch shares")
