@@ -106,19 +106,6 @@ def merge_outputs(outputs: Sequence[Any], split_sizes: Sequence[int] | None,
     return merge(outputs)
 
 
-def _under_callers_autocast(module: Callable[..., Any], device_type: str) -> Callable[..., Any]:
-    """``module``, called under the autocast state of the thread calling ``forward`` (captured now): torch's
-    ``parallel_apply`` re-enters autocast passing only ``enabled`` (pytorch issue #125186)."""
-    dtype, enabled = torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
-    cache_enabled = torch.is_autocast_cache_enabled()
-
-    def replica(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled):
-            return module(*args, **kwargs)
-
-    return replica
-
-
 def _setting(name: str, default: Any) -> property:
     """DataParallel's ``name``, unless the model has an attribute of that name, which then wins."""
     private = f"_dp_{name}"
@@ -183,8 +170,12 @@ class DataParallel(DropInWrapper, nn.DataParallel):
         return scattered_inputs, scattered_kwargs
 
     def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
-        # torch's parallel_apply only calls module(*input, **kwargs), so a callable can stand in for a replica.
-        runners = [_under_callers_autocast(replica, self.src_device_obj.type) for replica in replicas]
+        # torch's parallel_apply re-enters autocast passing only ``enabled`` (pytorch issue #125186): each replica
+        # runs decorated with the caller's autocast state instead (parallel_apply only calls module(*input, **kwargs)).
+        kind = self.src_device_obj.type
+        caller = {"dtype": torch.get_autocast_dtype(kind), "enabled": torch.is_autocast_enabled(kind),
+                  "cache_enabled": torch.is_autocast_cache_enabled()}
+        runners = [torch.autocast(kind, **caller)(replica) for replica in replicas]
         return _parallel_apply(runners, inputs, kwargs, self.__dict__["_dp_device_ids"][: len(replicas)])
 
     def gather(self, outputs: Any, output_device: Any) -> Any:
