@@ -72,11 +72,10 @@ class GradientAccumulator:
     def step(self) -> bool:
         """End a micro-step; at a window's end unscale, clip, step (or skip a non-finite step), zero the grads.
         True at a window's end, when a per-step scheduler should advance."""
-        boundary = self.sync_gradients
-        self._micro_steps += 1
-        if not boundary:
+        if not self.sync_gradients:
+            self._micro_steps += 1
             return False
-        window, self._micro_steps = self._micro_steps, 0
+        window, self._micro_steps = self._micro_steps + 1, 0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]

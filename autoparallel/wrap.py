@@ -12,6 +12,7 @@ from .ddp import DistributedModel
 from .detect import Runtime
 from .dropin import layers, unwrap
 from .errors import UsageError
+from .runtime import runtime as current_runtime
 
 __all__ = ["unwrap", "wrap"]
 
@@ -30,8 +31,6 @@ def wrap(model: nn.Module, *, runtime: Runtime | None = None, sync_bn: bool = Fa
                          "all-reduce every gradient a second time: remove the DistributedDataParallel(...) line and "
                          "pass the plain model; ap.wrap() builds DDP itself")
     if runtime is None:
-        from .runtime import runtime as current_runtime
-
         runtime = current_runtime()
     while isinstance(model, nn.DataParallel):
         logger.info("wrap() got an nn.DataParallel: replacing it with the wrapper for mode %r", runtime.mode)
