@@ -61,18 +61,14 @@ optimizer_hooks.register_optimizer_step_pre_hook(_refuse_steps_after_eval_backwa
 
 def _graph_facts(output: Any, parameters: list[nn.Parameter]) -> tuple[bool, bool]:
     """(some trainable parameter is not in ``output``'s autograd graph, the graph has reentrant checkpoints)."""
-    stack = [t.grad_fn for t in tensors(output) if t.grad_fn is not None]
-    seen, reached, reentrant = set(), set(), False
+    stack, seen = [t.grad_fn for t in tensors(output)], set()
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        reentrant |= "CheckpointFunction" in node.name()
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf, i.e. a parameter
-        if variable is not None:
-            reached.add(id(variable))
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    reached = {id(node.variable) for node in seen if hasattr(node, "variable")}  # AccumulateGrad: a parameter
+    reentrant = any("CheckpointFunction" in node.name() for node in seen)
     return any(p.requires_grad and id(p) not in reached for p in parameters), reentrant
 
 
