@@ -126,7 +126,7 @@ def _setting(name: str, default: Any) -> property:
 
 
 class DataParallel(DropInWrapper, nn.DataParallel):
-    """``nn.DataParallel`` that stays a drop-in for the model and merges outputs by the module's rule."""
+    """``nn.DataParallel`` that stays a drop-in for the model and merges its outputs by :func:`merge_outputs`."""
 
     _autoparallel_wrapper = True
     _SETTING_NAMES = {"dim": "_dp_dim", "device_ids": "_dp_device_ids", "output_device": "_dp_output_device"}
