@@ -73,13 +73,27 @@ def _graph_facts(output: Any, parameters: list[nn.Parameter]) -> tuple[bool, boo
 
 
 class DistributedModel(DropInWrapper, nn.Module):
-    """The DDP wrapper ``wrap()`` returns under DDP; see the module docstring."""
+    """The DDP wrapper ``wrap()`` returns under DDP, of ``module`` already on ``runtime.device``, once the process
+    group exists; see the module docstring."""
 
     _autoparallel_wrapper = True
 
-    def __init__(self, module: nn.Module, device_ids: list[int] | None = None, **ddp_options: Any) -> None:
+    def __init__(self, module: nn.Module, runtime: Runtime, sync_bn: bool = False, **ddp_options: Any) -> None:
+        unknown = sorted(set(ddp_options) - _OPTIONS)
+        if unknown:
+            raise UsageError(f"wrap() got {', '.join(unknown)}, which DistributedDataParallel does not take: "
+                             f"choose among {', '.join(sorted(_OPTIONS))}")
+        if group.current() is None:
+            raise UsageError("DDP needs an initialised process group: call autoparallel.runtime() first, inside a "
+                             "job started by torchrun or autoparallel.launch()")
+        if sync_bn and runtime.device.type == "cuda":
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module).to(runtime.device)
+        elif sync_bn:
+            logger.warning("sync_bn=True ignored on %s: torch's SyncBatchNorm runs on GPUs only; BatchNorm statistics "
+                           "stay per process", runtime.device)
         super().__init__()
         self.module = module
+        device_ids = [runtime.device.index or 0] if runtime.device.type == "cuda" else None
         sync_buffers = ddp_options.pop("broadcast_buffers", ddp_options.pop("forward_sync_buffers", True))
         decided = "find_unused_parameters" in ddp_options or ddp_options.get("static_graph", False)
         # Plain attributes live in __dict__: nn.Module.__setattr__ would register the DDP instance as a child.
@@ -93,24 +107,6 @@ class DistributedModel(DropInWrapper, nn.Module):
         if not _live:  # registered after the process group's own exit hook, so it runs before it
             atexit.register(_release_reducers)
         _live.add(self)
-
-    @classmethod
-    def build(cls, model: nn.Module, runtime: Runtime, sync_bn: bool = False, **ddp_options: Any) -> DistributedModel:
-        """Wrap ``model`` (already on ``runtime.device``) for DDP; the process group must exist."""
-        unknown = sorted(set(ddp_options) - _OPTIONS)
-        if unknown:
-            raise UsageError(f"wrap() got {', '.join(unknown)}, which DistributedDataParallel does not take: "
-                             f"choose among {', '.join(sorted(_OPTIONS))}")
-        if group.current() is None:
-            raise UsageError("DDP needs an initialised process group: call autoparallel.runtime() first, inside a "
-                             "job started by torchrun or autoparallel.launch()")
-        if sync_bn and runtime.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(runtime.device)
-        elif sync_bn:
-            logger.warning("sync_bn=True ignored on %s: torch's SyncBatchNorm runs on GPUs only; BatchNorm statistics "
-                           "stay per process", runtime.device)
-        device_ids = [runtime.device.index or 0] if runtime.device.type == "cuda" else None
-        return cls(model, device_ids=device_ids, **ddp_options)
 
     def __getattr__(self, name: str) -> Any:
         if name == "_ddp_params_and_buffers_to_ignore":  # DistributedDataParallel(ap.wrap(model)) asks this first

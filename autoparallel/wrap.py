@@ -37,7 +37,7 @@ def wrap(model: nn.Module, *, runtime: Runtime | None = None, sync_bn: bool = Fa
         model = model.module
     model = model.to(runtime.device)
     if runtime.mode == "ddp":
-        return DistributedModel.build(model, runtime, sync_bn=sync_bn, **ddp_options)
+        return DistributedModel(model, runtime, sync_bn=sync_bn, **ddp_options)
     if ddp_options:
         logger.debug("DDP options %s ignored in mode %r", sorted(ddp_options), runtime.mode)
     if sync_bn and runtime.mode == "dp":
