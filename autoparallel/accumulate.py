@@ -1,10 +1,7 @@
-"""Gradient accumulation that skips needless DDP all-reduces, clips after unscaling and survives overflow.
-
-A window of A micro-steps runs its first A - 1 backward passes inside DDP's ``no_sync()`` and divides each
-loss by A, so its gradient is the mean over its samples; given the ``loader``, a window cut short by the end
-of an epoch steps there with the mean over what it has, so every epoch ends on a step. Use: ``with
-acc.micro_step(), ap.autocast(): acc.backward(loss)`` then ``if acc.step(): scheduler.step()``.
-"""
+"""Gradient accumulation that skips needless DDP all-reduces, clips after unscaling and survives overflow: a
+window of A micro-steps runs its first A - 1 backwards under DDP's ``no_sync()``, each loss divided by A, and
+a window cut short by the end of an epoch of ``loader`` steps with the mean over what it has. Use: ``with
+acc.micro_step(), ap.autocast(): acc.backward(loss)`` then ``if acc.step(): scheduler.step()``."""
 from __future__ import annotations
 
 import logging
@@ -17,24 +14,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .ddp import DistributedModel
+from .dropin import layers
 
 __all__ = ["GradientAccumulator"]
 
 logger = logging.getLogger(__name__)
-
-
-def _find_ddp(model: nn.Module | None) -> nn.Module | None:
-    """The DDP wrapper, possibly under ``torch.compile``'s ``_orig_mod`` layers, or None."""
-    while model is not None and not isinstance(model, (DistributedModel, DistributedDataParallel)):
-        model = model._modules.get("_orig_mod") if isinstance(model, nn.Module) else None
-    return model
-
-
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients as ``clip_grad_norm_`` computes it, without its pass that rescales them."""
-    norms = torch._foreach_norm(grads)
-    first = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n if n.device == first else n.to(first) for n in norms]))
 
 
 class GradientAccumulator:
@@ -56,7 +40,8 @@ class GradientAccumulator:
         self._skipped = False
         self._scale_before: float | None = None  # with a scaler, skipping is read lazily (no sync per step)
         self._micro_steps = 0
-        self._ddp = _find_ddp(model)
+        self._ddp = next((layer for layer in layers(model)  # maybe under torch.compile
+                          if isinstance(layer, (DistributedModel, DistributedDataParallel))), None)
 
     @property
     def last_step_skipped(self) -> bool:
@@ -76,10 +61,7 @@ class GradientAccumulator:
     @contextmanager
     def micro_step(self) -> Iterator[None]:
         """Wraps one forward and backward; suppresses the DDP all-reduce unless the window ends here."""
-        context: Any = nullcontext()
-        if self._ddp is not None and not self.sync_gradients:
-            context = self._ddp.no_sync()
-        with context:
+        with self._ddp.no_sync() if self._ddp is not None and not self.sync_gradients else nullcontext():
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -87,28 +69,25 @@ class GradientAccumulator:
         loss = loss / self.accumulation_steps
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def _parameters(self) -> list[torch.Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-
     def step(self) -> bool:
         """End a micro-step; at a window's end unscale, clip, step (or skip a non-finite step), zero the grads.
         True at a window's end, when a per-step scheduler should advance."""
-        boundary = self.sync_gradients
-        self._micro_steps += 1
-        if not boundary:
+        if not self.sync_gradients:
+            self._micro_steps += 1
             return False
-        window, self._micro_steps = self._micro_steps, 0
+        window, self._micro_steps = self._micro_steps + 1, 0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        parameters = self._parameters()
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in parameters]
         if window < self.accumulation_steps and grads:  # cut short by the epoch's end: the mean over what it has
             torch._foreach_mul_(grads, self.accumulation_steps / window)
         self.last_grad_norm = None
         if self.max_grad_norm is not None:
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm)
-        elif self.scaler is None and grads:  # the norm alone, to skip a non-finite step (a scaler checks itself)
-            self.last_grad_norm = _total_norm(grads)
+        elif self.scaler is None and grads:  # the norm alone, to skip a non-finite step (a scaler checks itself):
+            norms = torch._foreach_norm(grads)  # clip_grad_norm_'s, without its pass that rescales the gradients
+            self.last_grad_norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
         self._scale_before = None
         if self.scaler is not None:
             self._scale_before = self.scaler.get_scale()  # scaler.step() syncs on its inf check anyway

@@ -1,12 +1,6 @@
-"""Our ``nn.DataParallel``: a drop-in for the model, whose outputs come back with their one-GPU values.
-
-:func:`merge_outputs`, at any depth of what ``forward`` returns: tensors with a batch dimension are
-concatenated; a 0-dim float (tensor or Python) is a mean weighted by each replica's batch share, a 0-dim
-integer a count (summed), a bool true when any replica's is; dicts, sequences, namedtuples and dataclasses
-merge field by field; strings and None must agree; anything else is refused with the fix. The model's own
-``dim``, ``device_ids`` and ``output_device`` win over DataParallel's, and replicas run under the caller's
-autocast dtype (torch's worker threads would fall back to fp16 under bf16).
-"""
+"""Our ``nn.DataParallel``: a drop-in for the model, whose outputs come back with their one-GPU values
+(:func:`merge_outputs`). The model's own ``dim``, ``device_ids`` and ``output_device`` win over DataParallel's,
+and replicas run under the caller's autocast dtype (torch's worker threads would fall back to fp16 under bf16)."""
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +61,10 @@ def _merge_scalars(values: Sequence[torch.Tensor], weights: Sequence[float], dev
 def merge_outputs(outputs: Sequence[Any], split_sizes: Sequence[int] | None,
                   gather_tensors: Callable[[list[torch.Tensor]], torch.Tensor],
                   device: torch.device | None = None) -> Any:
-    """One output from one per replica, by the rule of the module docstring."""
+    """One output from one per replica, at any depth: tensors with a batch dimension are concatenated; a 0-dim
+    float (tensor or Python) is a mean weighted by each replica's batch share, a 0-dim integer a count (summed), a
+    bool true when any replica's is; dicts, sequences, namedtuples and dataclasses merge field by field; strings
+    and None must agree; anything else is refused with the fix."""
     weights = list(split_sizes) if split_sizes is not None else [1] * len(outputs)
     if len(weights) != len(outputs):
         raise ValueError(f"DataParallel got {len(outputs)} replica outputs but {len(weights)} batch shares")
@@ -109,19 +106,6 @@ def merge_outputs(outputs: Sequence[Any], split_sizes: Sequence[int] | None,
     return merge(outputs)
 
 
-def _under_callers_autocast(module: Callable[..., Any], device_type: str) -> Callable[..., Any]:
-    """``module``, called under the autocast state of the thread calling ``forward`` (captured now): torch's
-    ``parallel_apply`` re-enters autocast passing only ``enabled`` (pytorch issue #125186)."""
-    dtype, enabled = torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
-    cache_enabled = torch.is_autocast_cache_enabled()
-
-    def replica(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled):
-            return module(*args, **kwargs)
-
-    return replica
-
-
 def _setting(name: str, default: Any) -> property:
     """DataParallel's ``name``, unless the model has an attribute of that name, which then wins."""
     private = f"_dp_{name}"
@@ -142,7 +126,7 @@ def _setting(name: str, default: Any) -> property:
 
 
 class DataParallel(DropInWrapper, nn.DataParallel):
-    """``nn.DataParallel`` that stays a drop-in for the model and merges outputs by the module's rule."""
+    """``nn.DataParallel`` that stays a drop-in for the model and merges its outputs by :func:`merge_outputs`."""
 
     _autoparallel_wrapper = True
     _SETTING_NAMES = {"dim": "_dp_dim", "device_ids": "_dp_device_ids", "output_device": "_dp_output_device"}
@@ -186,8 +170,12 @@ class DataParallel(DropInWrapper, nn.DataParallel):
         return scattered_inputs, scattered_kwargs
 
     def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
-        # torch's parallel_apply only calls module(*input, **kwargs), so a callable can stand in for a replica.
-        runners = [_under_callers_autocast(replica, self.src_device_obj.type) for replica in replicas]
+        # torch's parallel_apply re-enters autocast passing only ``enabled`` (pytorch issue #125186): each replica
+        # runs decorated with the caller's autocast state instead (parallel_apply only calls module(*input, **kwargs)).
+        kind = self.src_device_obj.type
+        caller = {"dtype": torch.get_autocast_dtype(kind), "enabled": torch.is_autocast_enabled(kind),
+                  "cache_enabled": torch.is_autocast_cache_enabled()}
+        runners = [torch.autocast(kind, **caller)(replica) for replica in replicas]
         return _parallel_apply(runners, inputs, kwargs, self.__dict__["_dp_device_ids"][: len(replicas)])
 
     def gather(self, outputs: Any, output_device: Any) -> Any:

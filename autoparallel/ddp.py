@@ -1,11 +1,9 @@
-"""Our DistributedDataParallel wrapper: torch's DDP for the gradients, plus what existing scripts assume.
-
-Without ``find_unused_parameters`` or ``static_graph`` the first training step reads the autograd graph and,
-if a trainable parameter took no part, re-runs that forward under ``find_unused_parameters=True``. A model
-changed on every rank between the same two steps (a new submodule, ``requires_grad``) rebuilds DDP at the next
-training forward. Forwards without autograd or in eval mode run the plain module, with no collective to hang
-on; rank 0's buffers are broadcast after each training forward, so eval, an EMA and checkpoints see rank 0's.
-"""
+"""Our DistributedDataParallel wrapper: torch's DDP for the gradients, plus what existing scripts assume. Without
+``find_unused_parameters`` or ``static_graph``, a first training step whose autograd graph leaves out a trainable
+parameter is re-run under ``find_unused_parameters=True``; a model changed on every rank between the same two steps
+(a new submodule, ``requires_grad``) rebuilds DDP at the next training forward. Forwards without autograd or in eval
+mode run the plain module, with no collective to hang on; rank 0's buffers are broadcast after each training
+forward, so eval, an EMA and checkpoints see rank 0's."""
 from __future__ import annotations
 
 import atexit
@@ -63,47 +61,24 @@ optimizer_hooks.register_optimizer_step_pre_hook(_refuse_steps_after_eval_backwa
 
 def _graph_facts(output: Any, parameters: list[nn.Parameter]) -> tuple[bool, bool]:
     """(some trainable parameter is not in ``output``'s autograd graph, the graph has reentrant checkpoints)."""
-    stack = [t.grad_fn for t in tensors(output) if t.grad_fn is not None]
-    seen, reached, reentrant = set(), set(), False
+    stack, seen = [t.grad_fn for t in tensors(output)], set()
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        reentrant |= "CheckpointFunction" in node.name()
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf, i.e. a parameter
-        if variable is not None:
-            reached.add(id(variable))
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    reached = {id(node.variable) for node in seen if hasattr(node, "variable")}  # AccumulateGrad: a parameter
+    reentrant = any("CheckpointFunction" in node.name() for node in seen)
     return any(p.requires_grad and id(p) not in reached for p in parameters), reentrant
 
 
 class DistributedModel(DropInWrapper, nn.Module):
-    """The DDP wrapper ``wrap()`` returns under DDP; see the module docstring."""
+    """The DDP wrapper ``wrap()`` returns under DDP, of ``module`` already on ``runtime.device``, once the process
+    group exists; see the module docstring."""
 
     _autoparallel_wrapper = True
 
-    def __init__(self, module: nn.Module, device_ids: list[int] | None = None, **ddp_options: Any) -> None:
-        super().__init__()
-        self.module = module
-        sync_buffers = ddp_options.pop("broadcast_buffers", ddp_options.pop("forward_sync_buffers", True))
-        decided = "find_unused_parameters" in ddp_options or ddp_options.get("static_graph", False)
-        # Plain attributes live in __dict__: nn.Module.__setattr__ would register the DDP instance as a child.
-        self.__dict__.update(_device_ids=device_ids, _options=ddp_options, _hooks=[], _ddp=None, _flags=(),
-                             _grad_sync=True, _sync_buffers=bool(sync_buffers) and group.world_size() > 1,
-                             _probe=not decided, _decided=decided, _params=[], _built_ids=(), _generation=-1,
-                             _eval_backward=False)
-        self._drop_in()
-        if group.rank() != 0:  # torch's hint about the flag, once per job rather than once per rank
-            warnings.filterwarnings("ignore", message=_UNUSED_WARNING)
-        self._rebuild()
-        if not _live:  # registered after the process group's own exit hook, so it runs before it
-            atexit.register(_release_reducers)
-        _live.add(self)
-
-    @classmethod
-    def build(cls, model: nn.Module, runtime: Runtime, sync_bn: bool = False, **ddp_options: Any) -> DistributedModel:
-        """Wrap ``model`` (already on ``runtime.device``) for DDP; the process group must exist."""
+    def __init__(self, module: nn.Module, runtime: Runtime, sync_bn: bool = False, **ddp_options: Any) -> None:
         unknown = sorted(set(ddp_options) - _OPTIONS)
         if unknown:
             raise UsageError(f"wrap() got {', '.join(unknown)}, which DistributedDataParallel does not take: "
@@ -112,12 +87,26 @@ class DistributedModel(DropInWrapper, nn.Module):
             raise UsageError("DDP needs an initialised process group: call autoparallel.runtime() first, inside a "
                              "job started by torchrun or autoparallel.launch()")
         if sync_bn and runtime.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(runtime.device)
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module).to(runtime.device)
         elif sync_bn:
             logger.warning("sync_bn=True ignored on %s: torch's SyncBatchNorm runs on GPUs only; BatchNorm statistics "
                            "stay per process", runtime.device)
+        super().__init__()
+        self.module = module
         device_ids = [runtime.device.index or 0] if runtime.device.type == "cuda" else None
-        return cls(model, device_ids=device_ids, **ddp_options)
+        sync_buffers = ddp_options.pop("broadcast_buffers", ddp_options.pop("forward_sync_buffers", True))
+        decided = "find_unused_parameters" in ddp_options or ddp_options.get("static_graph", False)
+        # Plain attributes live in __dict__: nn.Module.__setattr__ would register the DDP instance as a child.
+        self.__dict__.update(_device_ids=device_ids, _options=ddp_options, _hooks=[], _ddp=None, _grad_sync=True,
+                             _sync_buffers=bool(sync_buffers) and group.world_size() > 1, _probe=not decided,
+                             _decided=decided, _eval_backward=False)  # _rebuild() sets the rest
+        self._drop_in()
+        if group.rank() != 0:  # torch's hint about the flag, once per job rather than once per rank
+            warnings.filterwarnings("ignore", message=_UNUSED_WARNING)
+        self._rebuild()
+        if not _live:  # registered after the process group's own exit hook, so it runs before it
+            atexit.register(_release_reducers)
+        _live.add(self)
 
     def __getattr__(self, name: str) -> Any:
         if name == "_ddp_params_and_buffers_to_ignore":  # DistributedDataParallel(ap.wrap(model)) asks this first
@@ -126,32 +115,27 @@ class DistributedModel(DropInWrapper, nn.Module):
                              "DistributedDataParallel(...) line (ap.wrap's options take DDP's arguments)")
         return super().__getattr__(name)
 
-    def _rebuild(self, find_unused: bool | None = None) -> None:
+    def _rebuild(self) -> None:
         """(Re)create DDP for the parameters that require grad now: a collective on every rank."""
         if self._ddp is not None:  # free the old reducer (its gradient buffer and hooks) first
             self.__dict__["_ddp"] = None
             gc.collect()
         params = list(self.module.parameters())
-        options = dict(self._options)
-        if find_unused is not None:
-            options["find_unused_parameters"] = find_unused
         ddp = None
         if any(p.requires_grad for p in params):  # DDP refuses a module with nothing to train
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                ddp = DistributedDataParallel(self.module, device_ids=self._device_ids, **options)
+                ddp = DistributedDataParallel(self.module, device_ids=self._device_ids, **self._options)
             ddp.broadcast_buffers = False  # ours: after the forward, see _broadcast_buffers
-            ddp.training = self.training
             for state, hook in self._hooks:
                 ddp.register_comm_hook(state, hook)
-        self.__dict__.update(_ddp=ddp, _options=options, _params=params, _built_ids=tuple(map(id, params)),
-                             _flags=tuple(p.requires_grad for p in params), _generation=structure_generation())
+        self.__dict__.update(_ddp=ddp, _params=params, _flags=tuple(p.requires_grad for p in params),
+                             _generation=structure_generation())
 
     def _changed(self) -> bool:
         if self._generation != structure_generation():  # a parameter or submodule was registered somewhere
-            params = list(self.module.parameters())
-            self.__dict__.update(_params=params, _generation=structure_generation())
-            if tuple(map(id, params)) != self._built_ids:
+            self.__dict__["_generation"] = structure_generation()
+            if tuple(map(id, self.module.parameters())) != tuple(map(id, self._params)):  # _params keeps them alive
                 return True
         return tuple(p.requires_grad for p in self._params) != self._flags
 
@@ -192,7 +176,8 @@ class DistributedModel(DropInWrapper, nn.Module):
             torch.cuda.set_rng_state(rng[1], cuda)
         logger.info("DDP: some parameters took no part in the first step: find_unused_parameters=True")
         warnings.filterwarnings("ignore", message=_UNUSED_WARNING)  # right by construction
-        self._rebuild(find_unused=True)
+        self._options["find_unused_parameters"] = True
+        self._rebuild()
         return self._ddp(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -241,9 +226,3 @@ class DistributedModel(DropInWrapper, nn.Module):
             yield
         finally:
             self.__dict__["_grad_sync"] = previous
-
-    def train(self, mode: bool = True) -> DistributedModel:
-        super().train(mode)
-        if self._ddp is not None:
-            self._ddp.training = mode
-        return self

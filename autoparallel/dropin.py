@@ -1,9 +1,6 @@
-"""What makes our wrappers drop-ins for the model they hold in ``.module``.
-
-Attributes the wrapper does not own are read, written and deleted on the model, and state dicts and module
-names use the model's own names (state-dict hooks strip the wrapper's segment at any depth, also under
-``torch.compile``); ``load_state_dict`` also takes dicts saved with ``module.`` prefixes.
-"""
+"""What makes our wrappers drop-ins for the model in their ``.module``: attributes they do not own are read,
+written and deleted on the model, state dicts and module names are the model's (state-dict hooks strip the
+wrapper's segment at any depth, also under ``torch.compile``), and ``load_state_dict`` takes ``module.`` keys too."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -46,24 +43,24 @@ def canonical(key: str) -> str:
     return ".".join(part for part in key.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
-def is_parallel_wrapper(model: object) -> bool:
-    return isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or bool(
-        getattr(type(model), "_autoparallel_wrapper", False))
-
-
 def inner(model: nn.Module) -> nn.Module | None:
     """The module one wrapper down, or None when ``model`` is not a wrapper."""
-    if is_parallel_wrapper(model):
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or getattr(
+            type(model), "_autoparallel_wrapper", False):
         return model.module
     return model._modules.get("_orig_mod") if isinstance(model, nn.Module) else None  # torch.compile
 
 
+def layers(model: nn.Module | None) -> Iterator[nn.Module]:
+    """``model`` and each module under it in its stack of wrappers, outermost first."""
+    while model is not None:
+        yield model
+        model = inner(model)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under any stack of DataParallel, DDP, ``torch.compile`` and autoparallel wrappers."""
-    below = inner(model)
-    while below is not None:
-        model, below = below, inner(below)
-    return model
+    return list(layers(model))[-1]
 
 
 class DropInWrapper:
@@ -111,12 +108,10 @@ class DropInWrapper:
     def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
                       remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
         """The model's modules under the model's names: the wrapper stands where the model is."""
+        *wrappers, model = layers(self)  # the wrapper and any torch.compile layer are not listed
         memo = set() if memo is None else memo
-        layer: nn.Module = self
-        while layer is not unwrap(self):  # the wrapper and any torch.compile layer are not listed
-            memo.add(layer)
-            layer = inner(layer)
-        yield from layer.named_modules(memo, prefix, remove_duplicate)
+        memo.update(wrappers)
+        yield from model.named_modules(memo, prefix, remove_duplicate)
 
     @staticmethod
     def _strip_prefix(module: nn.Module, state: dict[str, Any], prefix: str, _metadata: Any) -> None:

@@ -10,20 +10,13 @@ from torch.nn.parallel import DistributedDataParallel
 from .dataparallel import DataParallel
 from .ddp import DistributedModel
 from .detect import Runtime
-from .dropin import inner, unwrap
+from .dropin import layers, unwrap
 from .errors import UsageError
+from .runtime import runtime as current_runtime
 
 __all__ = ["unwrap", "wrap"]
 
 logger = logging.getLogger(__name__)
-
-
-def _wrapped_by_us(model: nn.Module | None) -> bool:
-    while model is not None:
-        if getattr(type(model), "_autoparallel_wrapper", False):
-            return True
-        model = inner(model)
-    return False
 
 
 def wrap(model: nn.Module, *, runtime: Runtime | None = None, sync_bn: bool = False, **ddp_options: Any) -> nn.Module:
@@ -31,22 +24,20 @@ def wrap(model: nn.Module, *, runtime: Runtime | None = None, sync_bn: bool = Fa
     it for its mode: the model itself on the CPU or one GPU, our DataParallel, or our DDP wrapper, which takes
     DistributedDataParallel's options (ignored in other modes) and ``sync_bn`` (SyncBatchNorm, on GPUs).
     Wrapping a wrapped model returns it unchanged."""
-    if _wrapped_by_us(model):
+    if any(getattr(type(layer), "_autoparallel_wrapper", False) for layer in layers(model)):
         return model
     if isinstance(model, DistributedDataParallel):
         raise UsageError("wrap() got a model already wrapped in DistributedDataParallel, whose gradient hooks would "
                          "all-reduce every gradient a second time: remove the DistributedDataParallel(...) line and "
                          "pass the plain model; ap.wrap() builds DDP itself")
     if runtime is None:
-        from .runtime import runtime as current_runtime
-
         runtime = current_runtime()
     while isinstance(model, nn.DataParallel):
         logger.info("wrap() got an nn.DataParallel: replacing it with the wrapper for mode %r", runtime.mode)
         model = model.module
     model = model.to(runtime.device)
     if runtime.mode == "ddp":
-        return DistributedModel.build(model, runtime, sync_bn=sync_bn, **ddp_options)
+        return DistributedModel(model, runtime, sync_bn=sync_bn, **ddp_options)
     if ddp_options:
         logger.debug("DDP options %s ignored in mode %r", sorted(ddp_options), runtime.mode)
     if sync_bn and runtime.mode == "dp":
