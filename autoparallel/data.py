@@ -6,7 +6,7 @@ in as many batches as every other rank, so gathers never wait and come out in da
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -81,14 +81,20 @@ class EvalBatchSampler(Sampler[list[int]]):
 
 
 def _empty_like(batch: Any) -> Any:
-    """The structure of a collated batch with zero rows."""
+    """The structure of a collated batch with zero rows (a list of strings is a column: names, one per sample)."""
     if isinstance(batch, torch.Tensor):
         return batch[:0]
-    if isinstance(batch, dict):
-        return {key: _empty_like(value) for key, value in batch.items()}
+    if isinstance(batch, Mapping):
+        empty = {key: _empty_like(value) for key, value in batch.items()}
+        try:  # the batch's own mapping type, as default_collate keeps it
+            return type(batch)(empty)
+        except TypeError:
+            return empty
+    if isinstance(batch, (list, tuple)) and hasattr(batch, "_fields"):  # a namedtuple: field by field
+        return type(batch)(*map(_empty_like, batch))
     if isinstance(batch, (list, tuple)):
-        items = [_empty_like(item) for item in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+        column = bool(batch) and all(isinstance(item, str) for item in batch)
+        return type(batch)([] if column else map(_empty_like, batch))
     return batch
 
 

@@ -120,6 +120,28 @@ def test_a_rank_without_samples_yields_empty_batches_of_the_right_structure() ->
     assert (empty.shape, empty.dtype) == ((0,), first.dtype)
 
 
+class NamedImages(Dataset):
+    """Samples as dicts with a file name, the way image folders are often loaded."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.full((2,), float(index)), "name": f"image-{index}.jpg"}
+
+
+def test_a_rank_without_samples_yields_no_names_either() -> None:
+    from collections import UserDict
+
+    def as_user_dict(samples: list) -> UserDict:  # a Mapping that is not a dict, as tokenizers return
+        return UserDict(torch.utils.data.default_collate(samples))
+
+    for collate in (None, as_user_dict):
+        options = {"collate_fn": collate} if collate else {}
+        (empty,) = loader(NamedImages(), 2, train=False, num_workers=0, runtime=ddp(1, 2), **options)
+        assert (empty["image"].shape, list(empty["name"])) == ((0, 2), [])  # a name here would be scored twice
+
+
 def test_evaluation_refuses_to_drop_samples_and_training_needs_one_batch() -> None:
     with pytest.raises(ValueError, match="would skip the last samples"):
         loader(numbers(7), 2, train=False, drop_last=True, runtime=CPU)
