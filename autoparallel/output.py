@@ -25,9 +25,9 @@ def print(*args: Any, **kwargs: Any) -> None:
 
 
 def progress(iterable: Iterable[Any] | None = None, **tqdm_kwargs: Any) -> tqdm:
-    """A tqdm progress bar that shows on the main process only (``disable=True`` still disables it)."""
-    disable = bool(tqdm_kwargs.pop("disable", False)) or not is_main_process()
-    return tqdm(iterable, disable=disable, **tqdm_kwargs)
+    """A tqdm progress bar that shows on the main process only (its ``disable`` still applies there, ``None`` too)."""
+    disable = tqdm_kwargs.pop("disable", False)
+    return tqdm(iterable, disable=disable if is_main_process() else True, **tqdm_kwargs)
 
 
 def _environment(rt: Runtime) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -78,6 +80,7 @@ def test_progress_shows_on_main_only(fresh):
     assert list(progress(range(3))) == [0, 1, 2]
     assert progress(range(3)).disable is False
     assert progress(range(3), disable=True).disable is True
+    assert progress(range(3), disable=None, file=io.StringIO()).disable is True  # tqdm's "off unless a terminal"
     fresh.setenv("RANK", "2")
     bar = progress(range(3), desc="train")
     assert bar.disable is True
