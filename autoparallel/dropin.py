@@ -63,6 +63,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return list(layers(model))[-1]
 
 
+def _model_key(key: str, prefix: str) -> str:
+    """``key`` without a wrapper's ``module.`` (after ``prefix``) and any ``_orig_mod.`` right under it."""
+    ours = prefix + "module."
+    if not key.startswith(ours):
+        return key
+    rest = key[len(ours):]
+    while rest.startswith("_orig_mod."):
+        rest = rest[len("_orig_mod."):]
+    return prefix + rest
+
+
 class DropInWrapper:
     """Mixin placed before ``nn.Module`` in a wrapper's bases; call :meth:`_drop_in` at the end of ``__init__``:
     until then every attribute is the wrapper's own (``nn.DataParallel`` sets ``device_ids`` after ``module``).
@@ -115,12 +126,8 @@ class DropInWrapper:
 
     @staticmethod
     def _strip_prefix(module: nn.Module, state: dict[str, Any], prefix: str, _metadata: Any) -> None:
-        ours = prefix + "module."
-        for key in [key for key in state if key.startswith(ours)]:
-            rest = key[len(ours):]
-            while rest.startswith("_orig_mod."):
-                rest = rest[len("_orig_mod."):]
-            state[prefix + rest] = state.pop(key)
+        for key in [key for key in state if key.startswith(prefix + "module.")]:
+            state[_model_key(key, prefix)] = state.pop(key)
 
     @staticmethod
     def _add_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
@@ -136,7 +143,6 @@ class DropInWrapper:
 
     @staticmethod
     def _report_without_prefix(module: nn.Module, incompatible: Any) -> None:
-        ours = module.__dict__.get("_load_prefix", "") + "module."
+        prefix = module.__dict__.get("_load_prefix", "")
         for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
-            keys[:] = [key.replace(ours, ours[: -len("module.")], 1) if key.startswith(ours) else key
-                       for key in keys]
+            keys[:] = [_model_key(key, prefix) for key in keys]

@@ -139,6 +139,15 @@ def test_load_state_dict_takes_plain_keys(net):
 
 
 @needs_no_gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_strict_false_reports_keys_by_the_names_state_dict_uses(compiled):
+    wrapped = wrap(torch.compile(Net()) if compiled else Net(), runtime=DP_ON_CPU)
+    partial = {name: value for name, value in wrapped.state_dict().items() if name != "head.bias"}
+    result = wrapped.load_state_dict({**partial, "extra": torch.zeros(1)}, strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == (["head.bias"], ["extra"])
+
+
+@needs_no_gpu
 def test_wrapping_twice_is_a_no_op(net):
     wrapped = wrap(net, runtime=DP_ON_CPU)
     assert wrap(wrapped, runtime=DP_ON_CPU) is wrapped
