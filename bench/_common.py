@@ -174,6 +174,30 @@ def make_batches(num_batches: int, batch_size: int, image_size: int, device: tor
     return batches
 
 
+def synthetic_task(args: argparse.Namespace):
+    """(model factory, data set, loss of (output, target), optimizer factory) of ``--model`` (``convnet`` or
+    ``camoxpert`` with ``--backbone``), on ``8 * --batch-size`` random images of ``--image-size``."""
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    generator = torch.Generator().manual_seed(1)
+    num_samples = args.batch_size * 8
+    images = torch.randn(num_samples, 3, args.image_size, args.image_size, generator=generator)
+    if args.model == "convnet":
+        labels = torch.randint(0, 10, (num_samples,), generator=generator)
+        return (lambda: ConvNet(width=args.width), TensorDataset(images, labels),
+                lambda output, target: F.cross_entropy(output, target),
+                lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9))
+    from camoxpert.losses import CODLoss
+    from camoxpert.model import CamoXpert
+
+    masks = (torch.rand(num_samples, 1, args.image_size, args.image_size, generator=generator) > 0.7).float()
+    criterion = CODLoss()
+    return (lambda: CamoXpert(backbone=args.backbone, num_experts=7, deep_supervision=True, pretrained=False),
+            TensorDataset(images, masks), lambda output, target: criterion(output, target)[0],
+            lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4))
+
+
 # ----------------------------------------------------------------------------- interleaved timing
 
 

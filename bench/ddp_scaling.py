@@ -56,19 +56,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (  # noqa: E402
-    ConvNet,
     add_common_args,
     describe_machine,
     format_ratio,
@@ -76,12 +74,14 @@ from _common import (  # noqa: E402
     machine_info,
     markdown_table,
     quantiles,
+    synthetic_task,
     time_interleaved,
     wait_for_quiet,
     write_json,
 )
 
 import autoparallel as ap  # noqa: E402
+from autoparallel import group  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 CHOICES = {"default": {}, "false": {"find_unused_parameters": False}, "true": {"find_unused_parameters": True},
@@ -170,26 +170,6 @@ def variant_names(spec: str) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- worker (one process of a run)
 
 
-def build_task(args: argparse.Namespace):
-    """(model factory, data set, loss of (output, target), optimizer factory) of --model."""
-    generator = torch.Generator().manual_seed(1)
-    num_samples = args.batch_size * 8
-    images = torch.randn(num_samples, 3, args.image_size, args.image_size, generator=generator)
-    if args.model == "convnet":
-        labels = torch.randint(0, 10, (num_samples,), generator=generator)
-        return (lambda: ConvNet(width=args.width), TensorDataset(images, labels),
-                lambda output, target: F.cross_entropy(output, target),
-                lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9))
-    from camoxpert.losses import CODLoss
-    from camoxpert.model import CamoXpert
-
-    masks = (torch.rand(num_samples, 1, args.image_size, args.image_size, generator=generator) > 0.7).float()
-    criterion = CODLoss()
-    return (lambda: CamoXpert(backbone=args.backbone, num_experts=7, deep_supervision=True, pretrained=False),
-            TensorDataset(images, masks), lambda output, target: criterion(output, target)[0],
-            lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4))
-
-
 def worker(args: argparse.Namespace) -> int:
     """Train, dump parameters after the check steps (rank 0), time the variants, write a JSON file (rank 0)."""
     ap.launch()  # re-executes this command as AUTOPARALLEL_NPROC processes when asked to; else returns
@@ -197,7 +177,7 @@ def worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads_per_process)
     runtime = ap.runtime()
     threads = torch.get_num_threads()
-    make_model, dataset, loss_of, make_optimizer = build_task(args)
+    make_model, dataset, loss_of, make_optimizer = synthetic_task(args)
 
     def streaming(batch_size: int):
         loader = ap.loader(dataset, batch_size, train=True, num_workers=0, seed=0, runtime=runtime)
@@ -206,7 +186,7 @@ def worker(args: argparse.Namespace) -> int:
 
     def make_step(model, optimizer, stream, no_sync: bool = False, num_threads: int | None = None,
                   barrier: bool = False):
-        flag = torch.zeros(1, device=group_device(runtime)) if barrier else None
+        flag = torch.zeros(1, device=group.comm_device()) if barrier else None
 
         def step(_: int = 0) -> None:
             if num_threads is not None:
@@ -214,7 +194,7 @@ def worker(args: argparse.Namespace) -> int:
             images, target = next(stream)
             images = images.to(runtime.device, non_blocking=True)
             target = target.to(runtime.device, non_blocking=True)
-            context = model.no_sync() if no_sync else _nothing()
+            context = model.no_sync() if no_sync else nullcontext()
             with context:
                 loss = loss_of(model(images), target)
                 optimizer.zero_grad(set_to_none=True)
@@ -285,18 +265,6 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def group_device(runtime) -> torch.device:
-    return runtime.device if runtime.backend == "nccl" else torch.device("cpu")
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
 def time_allreduce(numel: int, reps: int, runtime) -> dict:
     """Seconds of one all-reduce (sum) of a flat fp32 tensor of `numel` elements, alone, on every rank together."""
     tensor = torch.ones(numel, dtype=torch.float32, device=runtime.device)
@@ -356,7 +324,7 @@ def routing_check(args: argparse.Namespace) -> dict:
     least once (the only case in which a first step finds no unused parameter and the default keeps False)."""
     from camoxpert.moe import MoEBlock
 
-    make_model, *_ = build_task(args)
+    make_model, *_ = synthetic_task(args)
     torch.manual_seed(0)
     model = make_model().train()
     blocks = [module for module in model.modules() if isinstance(module, MoEBlock)]

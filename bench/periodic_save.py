@@ -41,7 +41,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (  # noqa: E402
     RESULTS_DIR,
-    ConvNet,
     add_common_args,
     describe_machine,
     format_ratio,
@@ -58,6 +56,7 @@ from _common import (  # noqa: E402
     markdown_table,
     paired_ratios,
     quantiles,
+    synthetic_task,
     time_interleaved,
     wait_for_quiet,
     write_json,
@@ -154,24 +153,6 @@ class Trainer:
                                   args=self.args, best_metric=None)
 
 
-def build_task(args: argparse.Namespace):
-    """(reference model, data set, loss) of --model, from seed 0."""
-    generator = torch.Generator().manual_seed(1)
-    num_samples = args.batch_size * 8
-    images = torch.randn(num_samples, 3, args.image_size, args.image_size, generator=generator)
-    torch.manual_seed(0)
-    if args.model == "convnet":
-        labels = torch.randint(0, 10, (num_samples,), generator=generator)
-        return ConvNet(width=args.width), TensorDataset(images, labels), F.cross_entropy
-    from camoxpert.losses import CODLoss
-    from camoxpert.model import CamoXpert
-
-    masks = (torch.rand(num_samples, 1, args.image_size, args.image_size, generator=generator) > 0.7).float()
-    criterion = CODLoss()
-    model = CamoXpert(backbone=args.backbone, num_experts=7, deep_supervision=True, pretrained=False)
-    return model, TensorDataset(images, masks), lambda output, target: criterion(output, target)[0]
-
-
 class PhaseTimers:
     """Wraps torch.save, torch.load, os.fsync and the checkpoint digest in timers while active (this script's
     instrumentation: the library's code runs unchanged, through the wrapped names it looks up at call time)."""
@@ -230,7 +211,9 @@ def main(args: argparse.Namespace) -> int:
     info = machine_info()
     print(f"[bench] {describe_machine(info)}")
     runtime = ap.runtime(strategy="cpu")
-    reference, dataset, loss_of = build_task(args)
+    make_model, dataset, loss_of, _ = synthetic_task(args)  # each variant's optimizer is the Trainer's AdamW
+    torch.manual_seed(0)
+    reference = make_model()
     parameters = sum(p.numel() for p in reference.parameters())
     owned = args.dir is None
     root = Path(tempfile.mkdtemp(prefix="periodic_save_", dir=RESULTS_DIR.mkdir(parents=True, exist_ok=True)
