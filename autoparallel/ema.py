@@ -124,10 +124,12 @@ def prepare_load(ema: EMA | nn.Module, state: Any, *, path: Any, strict: bool,
         weights = {**weights, **{name: model_state[canonical(name)] for name, _ in target.named_buffers()
                                  if canonical(name) not in have and canonical(name) in model_state}}
     matched = statedict.prepare(target, weights, what="EMA", path=path, strict=strict, logger=logger)
+    if step is None:  # restarted from the model: no update yet; weights without a count: the warm-up is over
+        step = 0 if state is None or not isinstance(ema, EMA) else ema.steps_to_full_decay()
 
     def load() -> None:  # checked above, so what strict=False left out is not reported twice
         target.load_state_dict(matched, strict=False)
         if isinstance(ema, EMA):
-            ema.num_updates = 0 if state is None else ema.steps_to_full_decay() if step is None else step
+            ema.num_updates = step
 
     return load
