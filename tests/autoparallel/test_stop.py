@@ -49,28 +49,28 @@ def test_the_time_budget_stops_at_the_first_check_after_it(clock):
     assert stop.agreed == "time budget of 5400 s reached"
 
 
-def test_periodic_saves_fall_due_once_per_interval(clock):
+def save_due_at_each_check(clock, checks: int) -> list[bool]:
+    """``save_due`` after each of ``checks`` checks four minutes apart, with a save every 10 minutes."""
     with ap.StopRequest(save_every="10m") as stop:
         flags = []
-        for _ in range(6):  # a check every 4 minutes
+        for _ in range(checks):
             clock.now += 4 * 60
             stop.should_stop()
             flags.append(stop.save_due)
-    assert flags == [False, False, True, False, False, True]  # at 12 and 24 minutes: the interval restarts at a save
+    return flags
+
+
+def test_periodic_saves_fall_due_once_per_interval(clock):
+    # At 12 and 24 minutes: the interval restarts at a save.
+    assert save_due_at_each_check(clock, 6) == [False, False, True, False, False, True]
 
 
 @pytest.mark.usefixtures("single_process_group")
 def test_under_ddp_periodic_saves_fall_due_once_per_interval_one_check_later(clock, monkeypatch):
     # The distributed path (an all-reduce that each check sends and the next one reads), in a 1-rank group.
     monkeypatch.setattr(stop_module.group, "is_distributed", lambda: True)
-    with ap.StopRequest(save_every="10m") as stop:
-        flags = []
-        for _ in range(9):  # a check every 4 minutes
-            clock.now += 4 * 60
-            stop.should_stop()
-            flags.append(stop.save_due)
     # Due at 12 min, agreed at the next check (16); the interval restarts there: due at 28, agreed at 32.
-    assert flags == [False, False, False, True, False, False, False, True, False]
+    assert save_due_at_each_check(clock, 9) == [False, False, False, True, False, False, False, True, False]
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
